@@ -1,0 +1,3 @@
+"""dreamloom: personalization fine-tuning for Stable Diffusion."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,139 @@
+"""dreamloom's command line. Each command parses arguments and calls the core; no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import DreamloomError
+
+
+SHORTCUTS = {"data": "data.path", "trigger": "data.trigger", "class_word": "data.class_word",
+             "base": "base.model", "steps": "train.steps"}
+
+
+def _shortcut_values(args) -> dict:
+    return {key: getattr(args, name) for name, key in SHORTCUTS.items() if getattr(args, name, None) is not None}
+
+
+def cmd_train(args) -> int:
+    from .recipes import resolve_recipe
+    from .trainers.run import resume_run, start_run
+
+    if args.resume:
+        run, exports = resume_run(args.resume)
+    else:
+        if not args.recipe:
+            raise DreamloomError("name a recipe (see `dreamloom recipes`) or a .toml file, or pass --resume RUN.")
+        recipe = resolve_recipe(args.recipe, args.set, _shortcut_values(args))
+        run, exports = start_run(recipe, args.out)
+    print(f"finished: {run.path}")
+    for path in exports:
+        print(f"export: {path}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .models import load_base
+    from .sampling import attach_loras, generate, make_grid, parse_weighted
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DreamloomError(f"'{out}' already exists; choose another --out or pass --overwrite.")
+    base = load_base(args.base)
+    pipe = base.pipeline()
+    attach_loras(pipe, base, [parse_weighted(s) for s in args.lora])
+    images = generate(pipe, args.prompt, negative_prompt=args.negative, steps=args.steps,
+                      guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.n)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, cols=args.n).save(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .trainers.run import export_run
+
+    for path in export_run(args.run, args.format or None, overwrite=args.overwrite):
+        print(f"export: {path}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .recipes import builtin_names, builtin_text, resolve_recipe
+
+    if args.action == "show":
+        if not args.name:
+            raise DreamloomError("`dreamloom recipes show NAME`: name a built-in recipe.")
+        print(builtin_text(args.name), end="")
+        return 0
+    for name in builtin_names():
+        print(f"{name:24s} {resolve_recipe(name).description}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dreamloom", description="Personalization fine-tuning for Stable Diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe on a folder of images, or resume a run")
+    p.add_argument("recipe", nargs="?", help="built-in recipe name or a .toml file")
+    p.add_argument("--data", help="folder of training images (data.path)")
+    p.add_argument("--trigger", help="the new word for the subject (data.trigger)")
+    p.add_argument("--class-word", dest="class_word", help="what the subject is, e.g. dog (data.class_word)")
+    p.add_argument("--base", help="base model: tiny, random:sd15, folder, .safetensors, hub id (base.model)")
+    p.add_argument("--steps", type=int, help="training steps (train.steps)")
+    p.add_argument("--out", default="runs", help="folder that receives the run directory (default: runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key, e.g. lora.rank=16")
+    p.add_argument("--resume", metavar="RUN", help="continue a crashed or killed run from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw images with a base model and LoRA files")
+    p.add_argument("--base", default="tiny")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="LoRA file (kohya or diffusers), repeatable")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable: one grid row per prompt")
+    p.add_argument("--negative", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--out", default="samples.png")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="export a run again from its latest checkpoint")
+    p.add_argument("run")
+    p.add_argument("--format", action="append", choices=["kohya", "diffusers"])
+    p.add_argument("--overwrite", action="store_true", help="replace existing export files")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("recipes", help="list built-in recipes, or print one as TOML")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("demo", help="train and sample the tiny LoRA recipe on generated images")
+    p.add_argument("--out", default="demo-out")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DreamloomError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

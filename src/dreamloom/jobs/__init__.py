@@ -1,0 +1,3 @@
+from .rundir import RunDir
+
+__all__ = ["RunDir"]

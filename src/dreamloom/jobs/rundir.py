@@ -1,0 +1,129 @@
+"""The run directory: everything one training run writes, in a layout the CLI, the studio and
+resume all read.
+
+    <run>/run.json          marker: this folder is a dreamloom run (and of which version)
+    <run>/recipe.toml       the fully resolved recipe; the run is reproducible from it
+    <run>/events.jsonl      one JSON object per line: start, step, checkpoint, sample, export, end, error
+    <run>/checkpoints/step-XXXXXXXX/   resumable state, written atomically
+    <run>/samples/          validation grids
+    <run>/exports/          the files users take away
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .. import __version__
+from ..errors import DreamloomError
+from ..recipes import Recipe, dump_recipe, recipe_from_file
+
+MARKER = "run.json"
+CHECKPOINT_PREFIX = "step-"
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, out_root: str | Path, recipe: Recipe) -> "RunDir":
+        out_root = Path(out_root)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = out_root / f"{recipe.name}-{stamp}"
+        n = 1
+        while path.exists():  # never reuse (and so never overwrite) an existing run
+            n += 1
+            path = out_root / f"{recipe.name}-{stamp}-{n}"
+        path.mkdir(parents=True)
+        run = cls(path)
+        atomic_write_text(path / "recipe.toml", dump_recipe(recipe))
+        atomic_write_text(path / MARKER, json.dumps({"dreamloom": __version__, "created": time.time()}))
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        path = Path(path)
+        if not (path / MARKER).is_file() or not (path / "recipe.toml").is_file():
+            raise DreamloomError(
+                f"'{path}' is not a dreamloom run directory (no {MARKER} / recipe.toml). "
+                "Pass the folder that `dreamloom train` printed, e.g. runs/tiny-lora-20260101-120000."
+            )
+        return cls(path)
+
+    def write_manifest(self, items) -> None:
+        """Which images and captions this run trained on (exports read it for tag counts)."""
+        manifest = [{"file": str(i.path), "sha256": i.sha256, "caption": i.caption} for i in items]
+        atomic_write_text(self.path / "dataset.json", json.dumps(manifest, indent=1))
+
+    def dataset_manifest(self) -> list[dict]:
+        path = self.path / "dataset.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def recipe(self) -> Recipe:
+        return recipe_from_file(self.path / "recipe.toml")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def exports(self) -> Path:
+        return self.path / "exports"
+
+    @property
+    def events_path(self) -> Path:
+        return self.path / "events.jsonl"
+
+    def log(self, event: str, **fields) -> None:
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        with open(self.events_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def events(self) -> list[dict]:
+        if not self.events_path.exists():
+            return []
+        out = []
+        for line in self.events_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: skip it
+                continue
+        return out
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
+
+    def checkpoint_steps(self) -> list[int]:
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(
+            int(p.name.removeprefix(CHECKPOINT_PREFIX))
+            for p in self.checkpoints.iterdir()
+            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+        )
+
+    def latest_checkpoint(self) -> Path | None:
+        steps = self.checkpoint_steps()
+        return self.checkpoint_dir(steps[-1]) if steps else None
+
+    def prune_checkpoints(self, keep: int) -> None:
+        for step in self.checkpoint_steps()[:-keep]:
+            shutil.rmtree(self.checkpoint_dir(step), ignore_errors=True)
+        for tmp in self.checkpoints.glob(".tmp-*"):  # left by a run killed mid-write
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

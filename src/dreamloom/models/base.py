@@ -1,0 +1,178 @@
+"""Base models: what every method trains on top of, from whichever source the user names.
+
+A spec is one of: `tiny`, `random:<arch>` (full-size architecture, random weights), a local
+diffusers folder, a local single-file checkpoint (`.safetensors`, `.ckpt`), or a hub id.
+Loading never makes a silent network call that can hang a run: a hub id that cannot be
+reached ends in an error telling the user to pass a local folder or file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..errors import BaseModelError
+from .configs import ARCHS, SD_SCHEDULER, Arch, arch_for_text_width
+from .tokenizer import build_tokenizer, builtin_vocab_size
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class Base:
+    """The four parts of a Stable Diffusion model plus what we know about its architecture."""
+
+    spec: str
+    arch: Arch
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @cached_property
+    def noise_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A sampling pipeline over these very modules (adapters injected into them apply)."""
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=DDIMScheduler.from_config(self.scheduler_config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def to(self, device: torch.device | str) -> "Base":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+
+def text_encoder_config(arch: Arch) -> CLIPTextConfig:
+    cfg = dict(arch.text_encoder)
+    if cfg["vocab_size"] is None:
+        cfg["vocab_size"] = builtin_vocab_size()
+    tokenizer = build_tokenizer()
+    # The pooled output is taken at the end token; these ids make transformers look it up.
+    return CLIPTextConfig(**cfg, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_random(arch: Arch, seed: int = 0, meta: bool = False) -> Base:
+    """The architecture with seeded random weights (or on the meta device: shapes only)."""
+    def build():
+        unet = UNet2DConditionModel(**arch.unet)
+        vae = AutoencoderKL(**arch.vae, scaling_factor=arch.vae_scaling_factor)
+        text_encoder = CLIPTextModel(text_encoder_config(arch))
+        return unet, vae, text_encoder
+
+    if meta:
+        with init_empty_weights():
+            unet, vae, text_encoder = build()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet, vae, text_encoder = build()
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    spec = arch.name if arch.name == "tiny" else f"random:{arch.name}"
+    return Base(spec, arch, unet, vae, text_encoder, build_tokenizer(),
+                dict(SD_SCHEDULER, prediction_type=arch.prediction_type))
+
+
+def _from_pipeline(spec: str, pipe: StableDiffusionPipeline) -> Base:
+    width = pipe.unet.config.cross_attention_dim
+    arch = arch_for_text_width(width)
+    if arch is None:
+        raise BaseModelError(
+            f"base model '{spec}': cross-attention width {width} matches no supported "
+            f"architecture ({', '.join(ARCHS)}); dreamloom trains SD 1.x and SD 2.x models."
+        )
+    config = dict(pipe.scheduler.config)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval()
+    return Base(spec, arch, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, config)
+
+
+def _load_folder(spec: str, folder: Path) -> Base:
+    if not (folder / "model_index.json").is_file():
+        raise BaseModelError(
+            f"base model folder '{folder}' has no model_index.json: it is not a diffusers "
+            "model folder. Pass a folder written by save_pretrained, or a single .safetensors file."
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True
+    )
+    return _from_pipeline(spec, pipe)
+
+
+def _load_hub(spec: str) -> Base:
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            spec, safety_checker=None, requires_safety_checker=False
+        )
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        raise BaseModelError(
+            f"could not load base model '{spec}' from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no details'}). Without network access, "
+            "pass a local diffusers folder or a .safetensors checkpoint with --base."
+        ) from exc
+    return _from_pipeline(spec, pipe)
+
+
+def load_base(spec: str) -> Base:
+    """Load the base model a recipe names. Raises BaseModelError with the fix on failure."""
+    if spec == "tiny":
+        return build_random(ARCHS["tiny"])
+    if spec.startswith("random:"):
+        name = spec.split(":", 1)[1]
+        if name not in ARCHS or name == "tiny":
+            known = ", ".join(f"random:{n}" for n in ARCHS if n != "tiny")
+            raise BaseModelError(f"unknown random architecture '{spec}'; known: {known}.")
+        return build_random(ARCHS[name])
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _load_folder(spec, path)
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise BaseModelError(
+                f"base model file '{path}' is not a checkpoint: expected .safetensors or .ckpt."
+            )
+        from .single_file import load_single_file
+
+        return _from_pipeline(spec, load_single_file(path))
+    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return _load_hub(spec)
+    raise BaseModelError(
+        f"base model '{spec}' not found: no such file or folder. Pass `tiny`, `random:sd15`, "
+        "a diffusers folder, a .safetensors/.ckpt file, or a hub id like org/name."
+    )
+
+
+def check_base_spec(spec: str) -> None:
+    """Cheap check of a spec before any heavy work: local paths must exist."""
+    if spec == "tiny" or spec.startswith("random:") or Path(spec).expanduser().exists():
+        return
+    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return
+    load_base(spec)  # raises the same error the full load would

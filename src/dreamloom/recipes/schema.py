@@ -1,0 +1,115 @@
+"""The typed recipe: everything a run needs, in one TOML file that can be shared and re-run.
+
+Every section forbids unknown keys, so a typo is an error that names the key, never a setting
+that silently does nothing. Bump SCHEMA_VERSION and add a migration in io.py when a key changes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseSection(Section):
+    model: str = Field("tiny", description="tiny | random:sd15 | random:sd21 | diffusers folder | .safetensors file | hub id")
+
+
+class DataSection(Section):
+    path: str = Field("", description="folder of images (+ .txt captions) or a datasets imagefolder")
+    trigger: str = Field("sks", min_length=1, description="the new word that names the subject or style")
+    class_word: str = Field("", description="what the subject is (dog, person, style)")
+    caption_template: str = "a photo of {trigger} {class_word}"
+    resolution: int = Field(512, ge=32, le=2048, multiple_of=8)
+    crop: Literal["center", "random"] = "center"
+    flip: bool = Field(False, description="random horizontal flips (off for subjects with text/asymmetry)")
+    repeats: int = Field(1, ge=1, le=1000)
+    min_image_size: int = Field(64, ge=1, description="images smaller than this (shorter side, px) are refused")
+    cache_latents: bool = Field(True, description="encode each image once; the VAE leaves memory while training")
+
+
+class TrainSection(Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    text_encoder_lr: float | None = Field(None, gt=0, description="defaults to learning_rate")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 or fp16 on a GPU, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting; 5.0 is the paper's value")
+    noise_offset: float = Field(0.0, ge=0, le=1)
+    seed: int = 42
+    checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_every: int = Field(0, ge=0, description="validation samples every N steps; 0: only at the end")
+    log_every: int = Field(1, ge=1)
+
+
+class LoraSection(Section):
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0, description="scale = alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+
+
+class SampleSection(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of {trigger} {class_word}"])
+    negative_prompt: str = ""
+    steps: int = Field(25, ge=1, le=500)
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 7
+    images_per_prompt: int = Field(2, ge=1, le=16)
+
+
+class ExportSection(Section):
+    output_name: str = Field("", description="file name of the exports; default: <trigger>-<method>")
+    formats: list[Literal["kohya", "diffusers"]] = Field(default_factory=lambda: ["kohya", "diffusers"])
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+class Recipe(Section):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field("custom", min_length=1)
+    description: str = ""
+    method: Literal["lora"] = "lora"
+    base: BaseSection = Field(default_factory=BaseSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    lora: LoraSection | None = None
+    sample: SampleSection = Field(default_factory=SampleSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+    @model_validator(mode="after")
+    def _method_section(self) -> "Recipe":
+        if self.method == "lora" and self.lora is None:
+            self.lora = LoraSection()
+        return self
+
+    def fill(self, text: str) -> str:
+        """Fill {trigger} and {class_word} in a prompt or caption."""
+        filled = text.replace("{trigger}", self.data.trigger)
+        return " ".join(filled.replace("{class_word}", self.data.class_word).split())
+
+    @property
+    def output_name(self) -> str:
+        return self.export.output_name or f"{self.data.trigger}-{self.method}"

@@ -1,0 +1,73 @@
+"""Batches for the loop: a deterministic function of (seed, step), so a resumed run sees exactly
+the batches, noise and timesteps an uninterrupted one would have."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..datasets import DataItem, LatentCache, load_image, sample_latents, vae_fingerprint
+from .method import Batch
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DREAMLOOM_CACHE", Path.home() / ".cache" / "dreamloom"))
+
+
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % 2**63)
+
+
+class TrainingData:
+    def __init__(self, items: list[DataItem], recipe, base):
+        self.items, self.recipe, self.base = items, recipe, base
+        data = recipe.data
+        self.size = len(items) * data.repeats
+        captions = [item.caption for item in items]
+        self.input_ids = base.tokenizer(
+            captions, padding="max_length", truncation=True,
+            max_length=base.tokenizer.model_max_length, return_tensors="pt",
+        ).input_ids
+        # Random crops differ every time, so only center crops (and their mirror) can be cached.
+        self.cached = data.cache_latents and data.crop == "center"
+        self.moments: dict[tuple[int, bool], torch.Tensor] = {}
+        if self.cached:
+            cache = LatentCache(cache_root() / "latents", vae_fingerprint(base.vae))
+            for i, item in enumerate(items):
+                for flip in (False, True) if data.flip else (False,):
+                    self.moments[i, flip] = cache.moments(item, data.resolution, flip, base.vae)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.recipe.train.seed + 7919 * epoch)
+        return torch.randperm(self.size, generator=g) % len(self.items)
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        """Item indices of one micro-batch: consecutive slices of per-epoch shuffles."""
+        train = self.recipe.train
+        first = (step * train.gradient_accumulation + micro) * train.batch_size
+        out = []
+        for k in range(first, first + train.batch_size):
+            out.append(int(self._order(k // self.size)[k % self.size]))
+        return out
+
+    def _moments(self, i: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+        if self.cached:
+            return self.moments[i, flip]
+        data = self.recipe.data
+        pixels = load_image(self.items[i].path, data.resolution, crop=data.crop, flip=flip, generator=g)
+        vae = self.base.vae
+        with torch.no_grad():
+            dist = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
+        return dist.parameters[0].float().cpu()
+
+    def make_batch(self, indices: list[int], g: torch.Generator) -> Batch:
+        flips = [self.recipe.data.flip and bool(torch.rand((), generator=g) < 0.5) for _ in indices]
+        moments = torch.stack([self._moments(i, f, g) for i, f in zip(indices, flips)])
+        latents = sample_latents(moments, g) * self.base.vae.config.scaling_factor
+        return Batch(latents, self.input_ids[indices], [self.items[i].caption for i in indices], g)
+
+    def batch(self, step: int, micro: int = 0) -> Batch:
+        g = step_generator(self.recipe.train.seed, step, micro)
+        return self.make_batch(self.indices(step, micro), g)

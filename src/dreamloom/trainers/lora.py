@@ -1,0 +1,69 @@
+"""LoRA through peft: low-rank adapters on the UNet's attention (and optionally the text encoder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from ..export.lora import write_diffusers_lora, write_kohya_lora
+from .method import Method, ParamGroups, unwrap
+
+PARTS = ("unet", "text_encoder")
+
+
+class LoraMethod(Method):
+    name = "lora"
+
+    @property
+    def trainable_modules(self) -> tuple[str, ...]:
+        return PARTS if self.recipe.lora.train_text_encoder else ("unet",)
+
+    def configs(self) -> dict[str, LoraConfig]:
+        cfg = self.recipe.lora
+        targets = {"unet": cfg.target_modules, "text_encoder": cfg.text_encoder_target_modules}
+        return {
+            part: LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                             target_modules=list(targets[part]), init_lora_weights=True)
+            for part in self.trainable_modules
+        }
+
+    def prepare(self, base) -> ParamGroups:
+        for part in PARTS:
+            getattr(base, part).requires_grad_(False)
+        groups = []
+        train = self.recipe.train
+        for part, config in self.configs().items():
+            module = getattr(base, part)
+            module.add_adapter(config)  # peft: base weights stay frozen, only lora_A/B train
+            params = [p for p in module.parameters() if p.requires_grad]
+            lr = train.learning_rate if part == "unet" else (train.text_encoder_lr or train.learning_rate)
+            groups.append({"params": params, "lr": lr})
+        return groups
+
+    def part_state_dicts(self, base) -> dict[str, dict[str, torch.Tensor]]:
+        """peft-named LoRA weights per part, e.g. {'unet': {'down_blocks.0...to_q.lora_A.weight': T}}."""
+        return {part: get_peft_model_state_dict(unwrap(getattr(base, part))) for part in self.trainable_modules}
+
+    def state_dict(self, base) -> dict[str, torch.Tensor]:
+        return {f"{part}.{k}": v for part, sd in self.part_state_dicts(base).items() for k, v in sd.items()}
+
+    def load_state_dict(self, base, state) -> None:
+        for part in self.trainable_modules:
+            prefix = f"{part}."
+            part_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+            result = set_peft_model_state_dict(unwrap(getattr(base, part)), part_state)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"checkpoint has LoRA keys this model lacks: {result.unexpected_keys[:3]}")
+
+    def export(self, base, run, formats, overwrite=False) -> list[Path]:
+        parts = self.part_state_dicts(base)
+        configs = self.configs()
+        written = []
+        if "kohya" in formats:
+            written.append(write_kohya_lora(run, base, self.recipe, parts, overwrite=overwrite))
+        if "diffusers" in formats:
+            written.append(write_diffusers_lora(run, self.recipe, parts, configs, overwrite=overwrite))
+        return written

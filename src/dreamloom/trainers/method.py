@@ -1,0 +1,68 @@
+"""The Method interface: what one way of personalizing a model (LoRA, DreamBooth, ...) must say.
+
+The training loop owns everything shared (optimizer, precision, checkpoints, sampling, events);
+a method only chooses which weights train, how its loss differs (usually not), and how its
+weights are saved, exported and attached for sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .noise_loss import noise_loss
+
+if TYPE_CHECKING:
+    from ..jobs import RunDir
+    from ..models import Base
+    from ..recipes import Recipe
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # scaled VAE latents [B, C, h, w]
+    input_ids: torch.Tensor  # tokenized captions [B, 77]
+    captions: list[str]
+    generator: torch.Generator  # seeded per step: noise and timesteps are reproducible on resume
+
+
+ParamGroups = list[dict]  # torch optimizer parameter groups: {"params": [...], "lr": float}
+
+
+class Method:
+    """Base class of every method; subclasses override what differs."""
+
+    name: str = ""
+    trainable_modules: tuple[str, ...] = ("unet",)  # Base attributes the loop prepares/casts
+
+    def __init__(self, recipe: "Recipe"):
+        self.recipe = recipe
+
+    def prepare(self, base: "Base") -> ParamGroups:
+        """Freeze the base, inject/initialise trainable weights, return optimizer groups."""
+        raise NotImplementedError
+
+    def loss(self, base: "Base", batch: Batch) -> torch.Tensor:
+        return noise_loss(base, batch, self.recipe.train)
+
+    def state_dict(self, base: "Base") -> dict[str, torch.Tensor]:
+        """The trained weights: what checkpoints hold and exports are made from."""
+        raise NotImplementedError
+
+    def load_state_dict(self, base: "Base", state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def export(self, base: "Base", run: "RunDir", formats: list[str], overwrite: bool = False) -> list[Path]:
+        raise NotImplementedError
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself, under any DDP or torch.compile wrapper the accelerator added."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return module
+        module = inner

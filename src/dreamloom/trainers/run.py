@@ -1,0 +1,54 @@
+"""Starting, resuming and re-exporting runs: everything is checked before a run dir exists,
+so bad input never leaves a half-made run behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DreamloomError, RecipeError
+from ..jobs import RunDir
+from ..models import check_base_spec, load_base
+from .checkpoint import load_trainable
+from .loop import dataset_items, train
+from .registry import get_method
+
+
+def start_run(recipe, out_root: str | Path) -> tuple[RunDir, list[Path]]:
+    if not recipe.data.path:
+        raise RecipeError("no training images: pass --data FOLDER (or set data.path in the recipe).")
+    get_method(recipe.method)
+    check_base_spec(recipe.base.model)
+    items = dataset_items(recipe)  # every image decoded and checked; all problems reported at once
+    base = load_base(recipe.base.model)
+    run = RunDir.create(out_root, recipe)
+    run.write_manifest(items)
+    print(f"run directory: {run.path}", flush=True)
+    return run, train(run, base=base, items=items)
+
+
+def is_finished(run: RunDir) -> bool:
+    return any(e["event"] == "end" for e in run.events())
+
+
+def resume_run(path: str | Path) -> tuple[RunDir, list[Path]]:
+    run = RunDir.open(path)
+    if is_finished(run):
+        raise DreamloomError(f"run '{run.path}' already finished; nothing to resume. "
+                             f"Re-export it with `dreamloom export {run.path}`.")
+    return run, train(run, resume=True)
+
+
+def export_run(path: str | Path, formats: list[str] | None = None, overwrite: bool = False) -> list[Path]:
+    """Export from the run's latest checkpoint (a finished run, or one still under way)."""
+    run = RunDir.open(path)
+    latest = run.latest_checkpoint()
+    if latest is None:
+        raise DreamloomError(f"run '{run.path}' has no checkpoint yet; nothing to export.")
+    recipe = run.recipe()
+    base = load_base(recipe.base.model)
+    method = get_method(recipe.method)(recipe)
+    method.prepare(base)
+    method.load_state_dict(base, load_trainable(latest))
+    paths = method.export(base, run, formats or recipe.export.formats, overwrite=overwrite)
+    run.log("export", paths=[str(p) for p in paths], checkpoint=str(latest))
+    return paths
