@@ -23,11 +23,19 @@ DIFFUSERS_DIR = "diffusers"
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
+def canonical(part: str, key: str) -> str:
+    """Module paths as every other tool spells them. transformers 5 dropped CLIPTextModel's
+    `text_model.` level; A1111, ComfyUI and older diffusers all still expect it."""
+    if part == "text_encoder" and not key.startswith("text_model."):
+        return f"text_model.{key}"
+    return key
+
+
 def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
     out = {}
     for part, state in parts.items():
         for key, tensor in state.items():
-            module, _, suffix = key.removesuffix(".weight").rpartition(".")
+            module, _, suffix = canonical(part, key).removesuffix(".weight").rpartition(".")
             name = KOHYA_PREFIX[part] + module.replace(".", "_")
             out[f"{name}.{PEFT_TO_KOHYA[suffix + '.weight']}"] = tensor
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
@@ -86,7 +94,8 @@ def write_diffusers_lora(run, recipe, parts, configs, overwrite=False) -> Path:
     path = folder / DIFFUSERS_FILE
     refuse_overwrite(path, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {part: cast(state, recipe.export.dtype) for part, state in parts.items()}
+    tensors = {part: cast({canonical(part, k): v for k, v in state.items()}, recipe.export.dtype)
+               for part, state in parts.items()}
     # diffusers writes rank/alpha into `lora_adapter_metadata`, so alpha != rank reloads right.
     StableDiffusionPipeline.save_lora_weights(
         folder,

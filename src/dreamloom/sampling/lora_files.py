@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import AdapterError
-from ..export.lora import DIFFUSERS_FILE, KOHYA_PREFIX
+from ..export.lora import DIFFUSERS_FILE, KOHYA_PREFIX, canonical
 
 LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
@@ -54,6 +54,7 @@ def _expected_shapes(base, fmt: str) -> dict[str, tuple[int, int]]:
             weight = getattr(module, "weight", None)
             if weight is None or weight.dim() not in (2, 4) or ".lora_" in name or "base_layer" in name:
                 continue
+            name = canonical(part, name)
             key = KOHYA_PREFIX[part] + name.replace(".", "_") if fmt == "kohya" else f"{part}.{name}"
             out[key] = (weight.shape[1], weight.shape[0])
     return out

@@ -10,6 +10,7 @@ from contextlib import ExitStack
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
@@ -97,6 +98,7 @@ def _train(run, base, items, resume):
     method = get_method(recipe.method)(recipe)
 
     precision = resolve_mixed_precision(t.mixed_precision, PartialState().device)
+    AcceleratorState._reset_state()  # a process (a test, the studio) may train runs of differing precision
     accelerator = Accelerator(mixed_precision=precision)
     torch.manual_seed(t.seed)
 
@@ -148,6 +150,7 @@ def _train(run, base, items, resume):
             step_loss += loss.item()
         if t.max_grad_norm:
             accelerator.clip_grad_norm_(params, t.max_grad_norm)
+        lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -158,7 +161,7 @@ def _train(run, base, items, resume):
         if done % t.log_every == 0 or done == t.steps:
             now = time.perf_counter()
             it_s = (done - last_step) / max(now - last_time, 1e-9)
-            run.log("step", step=done, loss=step_loss, lr=lr_scheduler.get_last_lr()[0], it_s=round(it_s, 3),
+            run.log("step", step=done, loss=step_loss, lr=lr, it_s=round(it_s, 3),
                     images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
                     peak_mem_mb=round(peak_memory_mb(accelerator.device), 1))
             last_time, last_step = now, done

@@ -1,0 +1,112 @@
+"""Bad input gets one clear error naming the file or key and the fix, and leaves no run behind."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from dreamloom.cli import main
+from dreamloom.models import ARCHS, build_random
+
+
+def run_cli(args, capsys) -> str:
+    assert main(args) == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "runs"
+
+
+def train_args(data, out, *extra):
+    return ["train", "tiny-lora", "--data", str(data), "--out", str(out), *extra]
+
+
+def test_empty_folder(tmp_path, out, capsys):
+    (tmp_path / "empty").mkdir()
+    err = run_cli(train_args(tmp_path / "empty", out), capsys)
+    assert "empty" in err and ".png" in err
+    assert not out.exists()
+
+
+def test_every_bad_file_is_reported_at_once(tmp_path, out, subject_dir, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(subject_dir, data)
+    good = (data / "subject-0.png").read_bytes()
+    Image.new("RGB", (80, 80), "red").save(data / "broken.jpg")
+    (data / "broken.jpg").write_bytes((data / "broken.jpg").read_bytes()[:200])
+    (data / "notes.png").write_text("these are my notes, not a picture")
+    Image.new("RGB", (16, 16), "blue").save(data / "tiny.png")
+    err = run_cli(train_args(data, out), capsys)
+    for name in ("broken.jpg", "notes.png", "tiny.png"):
+        assert name in err, err
+    assert "16x16" in err and "subject-0.png" not in err
+    assert (data / "subject-0.png").read_bytes() == good  # nothing the user made is touched
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("train.stepz=10", ["train.stepz", "allowed keys", "steps"]),
+    ("train.learning_rate=-0.001", ["train.learning_rate", "greater than 0"]),
+])
+def test_bad_recipe_values(setting, words, subject_dir, out, capsys):
+    err = run_cli(train_args(subject_dir, out, "--set", setting), capsys)
+    for word in words:
+        assert word in err, err
+    assert not out.exists()
+
+
+def test_unknown_key_in_a_recipe_file(tmp_path, subject_dir, out, capsys):
+    recipe = tmp_path / "my.toml"
+    recipe.write_text('method = "lora"\n[lora]\nrank = 4\nranq = 8\n')
+    err = run_cli(["train", str(recipe), "--data", str(subject_dir), "--out", str(out)], capsys)
+    assert "lora.ranq" in err and "rank" in err and str(recipe) in err
+    assert not out.exists()
+
+
+def test_base_path_that_does_not_exist(tmp_path, subject_dir, out, capsys):
+    missing = tmp_path / "models" / "my-model.safetensors"
+    err = run_cli(train_args(subject_dir, out, "--base", str(missing)), capsys)
+    assert str(missing) in err and "not found" in err
+    assert not out.exists()
+
+
+def test_hub_id_without_network_says_to_pass_a_local_model(subject_dir, out, capsys):
+    err = run_cli(train_args(subject_dir, out, "--base", "someone/some-model"), capsys)
+    assert "someone/some-model" in err and "local" in err
+    assert not out.exists()
+
+
+def test_sampler_refuses_a_lora_for_another_architecture(tmp_path, capsys):
+    """A kohya LoRA with SD 1.5's layer widths, given to the tiny base."""
+    sd15 = build_random(ARCHS["sd15"], meta=True)
+    tensors = {}
+    for name, module in sd15.unet.named_modules():
+        if name.endswith("attn2.to_k"):
+            key = "lora_unet_" + name.replace(".", "_")
+            tensors[f"{key}.lora_down.weight"] = torch.zeros(4, module.in_features)
+            tensors[f"{key}.lora_up.weight"] = torch.zeros(module.out_features, 4)
+            tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    path = tmp_path / "sd15-style.safetensors"
+    save_file(tensors, path, metadata={"ss_base_model_version": "sd_v1"})
+    err = run_cli(["sample", "--base", "tiny", "--lora", f"{path}:0.8", "--prompt", "x",
+                   "--out", str(tmp_path / "g.png")], capsys)
+    assert str(path) in err and "does not fit" in err and "sd_v1" in err and "768" in err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_sampler_refuses_a_file_that_is_not_a_lora(tmp_path, capsys):
+    path = tmp_path / "weird.safetensors"
+    save_file({"foo": torch.zeros(2)}, path)
+    err = run_cli(["sample", "--lora", str(path), "--prompt", "x", "--out", str(tmp_path / "g.png")], capsys)
+    assert "not a LoRA" in err
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    err = run_cli(["train", "--resume", str(tmp_path)], capsys)
+    assert "not a dreamloom run directory" in err

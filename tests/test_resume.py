@@ -1,0 +1,55 @@
+"""A run killed with SIGKILL after a checkpoint resumes to exactly the weights of a run that
+was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from dreamloom.jobs import RunDir
+from dreamloom.trainers.run import resume_run
+from helpers import train_tiny
+
+SETS = ["train.steps=150", "train.checkpoint_every=10", "train.keep_checkpoints=3", "lora.dropout=0.1"]
+
+
+def wait_for_checkpoint(out, proc, timeout=120.0) -> RunDir:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for events in out.glob("*/events.jsonl"):
+            if any(json.loads(line)["event"] == "checkpoint" for line in events.read_text().splitlines() if line.strip()):
+                return RunDir(events.parent)
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, subject_dir, cli_env):
+    out = tmp_path / "killed"
+    cmd = ["dreamloom", "train", "tiny-lora", "--data", str(subject_dir), "--class-word", "star", "--out", str(out)]
+    proc = subprocess.Popen(cmd + [a for s in SETS for a in ("--set", s)], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = wait_for_checkpoint(out, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not any(e["event"] == "end" for e in run.events()), "the run finished before it was killed"
+    killed_at = run.checkpoint_steps()[-1]
+    assert 10 <= killed_at < 150
+
+    resume_run(run.path)
+    events = run.events()
+    assert [e["resumed_from"] for e in events if e["event"] == "start"] == [0, killed_at]
+    assert events[-1]["event"] == "end"
+
+    reference, _, _ = train_tiny(tmp_path / "straight", subject_dir, SETS)
+    resumed = load_file(run.latest_checkpoint() / "trainable.safetensors")
+    straight = load_file(reference.latest_checkpoint() / "trainable.safetensors")
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
