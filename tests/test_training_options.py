@@ -8,6 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dreamloom.jobs import RunDir
+from dreamloom.trainers.lora import LoraMethod
+from dreamloom.trainers.run import resume_run
 from helpers import train_tiny
 
 SHORT = ["train.steps=4", "train.checkpoint_every=0", "train.sample_every=0", "sample.images_per_prompt=1",
@@ -52,3 +55,25 @@ def test_same_seed_same_weights_different_seed_different(tmp_path, subject_dir):
     wa, wb, wc = (load_file(r.latest_checkpoint() / "trainable.safetensors") for r in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_a_crash_is_logged_and_the_run_stays_resumable(tmp_path, subject_dir, monkeypatch):
+    real_loss, calls = LoraMethod.loss, {"n": 0}
+
+    def failing_loss(self, base, batch):
+        calls["n"] += 1
+        if calls["n"] == 16 + 7:  # after the 16 measuring passes, fail in step 7
+            raise RuntimeError("simulated CUDA error")
+        return real_loss(self, base, batch)
+
+    monkeypatch.setattr(LoraMethod, "loss", failing_loss)
+    with pytest.raises(RuntimeError):
+        train_tiny(tmp_path, subject_dir, SHORT + ["train.steps=10", "train.checkpoint_every=5"])
+    run_dir = next(tmp_path.iterdir())
+    run = RunDir.open(run_dir)
+    error = run.events()[-1]
+    assert error["event"] == "error" and "simulated CUDA error" in error["message"]
+    assert run.checkpoint_steps() == [5]
+    monkeypatch.setattr(LoraMethod, "loss", real_loss)
+    resume_run(run_dir)
+    assert run.events()[-1]["event"] == "end"

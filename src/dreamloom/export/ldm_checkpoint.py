@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..models.tokenizer import builtin_vocab_size
 from .files import cast, refuse_overwrite, write_safetensors
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
@@ -165,8 +166,6 @@ def to_ldm_state_dict(base) -> dict[str, torch.Tensor]:
 
 
 def uses_builtin_tokenizer(base) -> bool:
-    from ..models.tokenizer import builtin_vocab_size
-
     return len(base.tokenizer) == builtin_vocab_size()
 
 

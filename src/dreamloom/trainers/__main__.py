@@ -4,6 +4,7 @@ run directory that `dreamloom train` or the studio prepared."""
 import argparse
 import sys
 
+from ..cli import quiet_libraries
 from ..errors import DreamloomError
 from ..jobs import RunDir
 from .loop import train
@@ -14,6 +15,7 @@ def main() -> int:
     parser.add_argument("run", help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     args = parser.parse_args()
+    quiet_libraries()
     try:
         train(RunDir.open(args.run), resume=args.resume)
     except DreamloomError as exc:
