@@ -61,3 +61,10 @@ def test_captions_and_prompts_fill_trigger_and_class_word():
     recipe = resolve_recipe("tiny-lora", ["data.trigger='zwx'", "data.class_word=''"])
     assert recipe.fill("a photo of {trigger} {class_word}") == "a photo of zwx"
     assert recipe.output_name == "zwx-lora"
+
+
+def test_sections_and_formats_must_fit_the_method():
+    with pytest.raises(RecipeError, match=r"section \[lora\] does not apply to method 'hypernetwork'"):
+        resolve_recipe("tiny-lora", ["method='hypernetwork'"])
+    with pytest.raises(RecipeError, match=r"choose from \['kohya', 'diffusers'\]"):
+        resolve_recipe("tiny-lora", ["export.formats=['pt']"])

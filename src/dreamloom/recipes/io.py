@@ -82,6 +82,8 @@ def _explain(exc: ValidationError, source: str) -> RecipeError:
             allowed = ", ".join(section.model_fields) if section else "?"
             where = f"[{'.'.join(map(str, loc[:-1]))}]" if len(loc) > 1 else "the top level"
             lines.append(f"- unknown key '{key}'; allowed keys in {where}: {allowed}")
+        elif not loc:  # a rule about the recipe as a whole
+            lines.append(f"- {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"- {key}: {err['msg']} (got {err.get('input')!r})")
     return RecipeError(f"recipe {source} is not valid:\n" + "\n".join(lines))

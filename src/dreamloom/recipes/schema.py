@@ -72,6 +72,39 @@ class LoraSection(Section):
     )
 
 
+class PriorSection(Section):
+    """Prior preservation (DreamBooth paper): train on class images too, so that the class word
+    keeps meaning the class ("a photo of a dog" still gives all sorts of dogs)."""
+
+    enabled: bool = False
+    class_prompt: str = "a photo of {class_word}"
+    class_data: str = Field("", description="folder of class images; empty: generate them with the base model")
+    num_class_images: int = Field(100, ge=1, description="how many class images to use (generated if missing)")
+    loss_weight: float = Field(1.0, gt=0, description="weight of the class images' loss")
+    generation_steps: int = Field(25, ge=1)
+    generation_guidance: float = Field(7.5, ge=0)
+    generation_batch_size: int = Field(4, ge=1)
+
+
+class DreamboothSection(Section):
+    train_text_encoder: bool = False
+    text_encoder_steps: int | None = Field(None, ge=0, description="stop training the text encoder after this step; empty: never")
+
+
+class HypernetworkSection(Section):
+    """AUTOMATIC1111's hypernetwork: per context width, two MLPs that shift attention's k and v."""
+
+    layer_structure: list[float] = Field(default_factory=lambda: [1.0, 2.0, 1.0])
+    activation: str = Field("linear", description="linear relu leakyrelu elu swish tanh sigmoid softsign mish")
+    layer_norm: bool = False
+    dropout: bool = False
+    dropout_structure: list[float] | None = Field(None, description="per layer; empty: A1111's default for `dropout`")
+    last_layer_dropout: bool = False
+    activate_output: bool = False
+    weight_init: Literal["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"] = "Normal"
+    allow_unportable: bool = Field(False, description="allow an activation ComfyUI cannot load (A1111 only)")
+
+
 class SampleSection(Section):
     prompts: list[str] = Field(default_factory=lambda: ["a photo of {trigger} {class_word}"])
     negative_prompt: str = ""
@@ -83,26 +116,51 @@ class SampleSection(Section):
 
 class ExportSection(Section):
     output_name: str = Field("", description="file name of the exports; default: <trigger>-<method>")
-    formats: list[Literal["kohya", "diffusers"]] = Field(default_factory=lambda: ["kohya", "diffusers"])
+    formats: list[str] | None = Field(None, description="default: every format the method writes")
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+
+
+# Which sections and export formats each method has; the first formats entry is the main export.
+METHOD_SECTIONS = {"lora": ("lora",), "dreambooth": ("dreambooth",), "hypernetwork": ("hypernetwork",)}
+METHOD_FORMATS = {
+    "lora": ("kohya", "diffusers"),
+    "dreambooth": ("single_file", "diffusers"),
+    "hypernetwork": ("pt", "safetensors"),
+}
+SECTION_TYPES = {"lora": LoraSection, "dreambooth": DreamboothSection, "hypernetwork": HypernetworkSection}
 
 
 class Recipe(Section):
     schema_version: int = SCHEMA_VERSION
     name: str = Field("custom", min_length=1)
     description: str = ""
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "dreambooth", "hypernetwork"] = "lora"
     base: BaseSection = Field(default_factory=BaseSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    prior: PriorSection = Field(default_factory=PriorSection)
     lora: LoraSection | None = None
+    dreambooth: DreamboothSection | None = None
+    hypernetwork: HypernetworkSection | None = None
     sample: SampleSection = Field(default_factory=SampleSection)
     export: ExportSection = Field(default_factory=ExportSection)
 
     @model_validator(mode="after")
-    def _method_section(self) -> "Recipe":
-        if self.method == "lora" and self.lora is None:
-            self.lora = LoraSection()
+    def _method_sections(self) -> "Recipe":
+        own = METHOD_SECTIONS[self.method]
+        for name, section_type in SECTION_TYPES.items():
+            if name in own and getattr(self, name) is None:
+                setattr(self, name, section_type())
+            elif name not in own and getattr(self, name) is not None:
+                raise ValueError(f"section [{name}] does not apply to method '{self.method}' (it would be "
+                                 f"ignored); remove it, or set method to one that uses it")
+        allowed = METHOD_FORMATS[self.method]
+        if self.export.formats is None:
+            self.export.formats = list(allowed)
+        unknown = [f for f in self.export.formats if f not in allowed]
+        if unknown or not self.export.formats:
+            raise ValueError(f"export.formats {self.export.formats} for method '{self.method}': "
+                             f"choose from {list(allowed)}")
         return self
 
     def fill(self, text: str) -> str:
