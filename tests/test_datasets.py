@@ -16,7 +16,7 @@ from dreamloom.datasets import (
     load_image,
     load_items,
     sample_latents,
-    vae_fingerprint,
+    module_fingerprint,
 )
 from dreamloom.errors import DatasetError
 
@@ -217,11 +217,11 @@ def vae():
 
 
 def test_vae_fingerprint_tracks_weights(vae):
-    fp = vae_fingerprint(vae)
-    assert fp == vae_fingerprint(vae) and int(fp, 16) >= 0 and len(fp) <= 32
+    fp = module_fingerprint(vae)
+    assert fp == module_fingerprint(vae) and int(fp, 16) >= 0 and len(fp) <= 32
     with torch.no_grad():
         list(vae.parameters())[-1].add_(0.01)
-    assert vae_fingerprint(vae) != fp
+    assert module_fingerprint(vae) != fp
 
 
 def test_latent_cache_reads_back_and_reencodes_corrupt_files(tmp_path, vae, monkeypatch):
@@ -231,7 +231,7 @@ def test_latent_cache_reads_back_and_reencodes_corrupt_files(tmp_path, vae, monk
     calls = []
     encode = vae.encode
     monkeypatch.setattr(vae, "encode", lambda x: calls.append(1) or encode(x))
-    cache = LatentCache(tmp_path / "cache" / "nested", vae_fingerprint(vae))
+    cache = LatentCache(tmp_path / "cache" / "nested", module_fingerprint(vae))
 
     first = cache.moments(item, 32, False, vae)
     files = sorted((tmp_path / "cache" / "nested").iterdir())

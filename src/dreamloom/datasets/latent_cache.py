@@ -17,16 +17,16 @@ from dreamloom.datasets.scan import DataItem
 _KEY = "moments"
 
 
-def vae_fingerprint(vae) -> str:
-    """Short hex id of a VAE: its config plus the raw bytes of a few weight tensors.
+def module_fingerprint(module) -> str:
+    """Short hex id of a model (a VAE, a UNet): its config plus the raw bytes of a few weights.
 
     Hashing every weight would cost a pass over the model; the first, middle and
     last tensors change whenever a checkpoint (or its dtype) does.
     """
-    digest = hashlib.sha256(type(vae).__name__.encode())
-    config = dict(getattr(vae, "config", {}))
+    digest = hashlib.sha256(type(module).__name__.encode())
+    config = dict(getattr(module, "config", {}))
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    params = list(vae.parameters())
+    params = list(module.parameters())
     for index in sorted({0, len(params) // 2, len(params) - 1}):
         flat = params[index].detach().reshape(-1).cpu().contiguous()
         digest.update(str(flat.dtype).encode())

@@ -61,8 +61,8 @@ def _unet_prefixes(config) -> dict[str, tuple[str, bool]]:
             p[f"up_blocks.{i}.resnets.{j}."] = (f"output_blocks.{idx}.0.", True)
             if up_attn[i]:
                 p[f"up_blocks.{i}.attentions.{j}."] = (f"output_blocks.{idx}.1.", False)
-        slot = 2 if up_attn[i] else 1
-        p[f"up_blocks.{i}.upsamplers.0.conv."] = (f"output_blocks.{i * (layers + 1) + layers}.{slot}.conv.", False)
+        last, slot = i * (layers + 1) + layers, 2 if up_attn[i] else 1
+        p[f"up_blocks.{i}.upsamplers.0.conv."] = (f"output_blocks.{last}.{slot}.conv.", False)
     return p
 
 
@@ -77,7 +77,8 @@ def _split_prefix(key: str, prefixes: dict) -> tuple[str, str]:
 
 
 def _rename(rest: str, table: dict[str, str]) -> str:
-    for new, old in ((v, k) for k, v in table.items()):
+    """Rename the leading module of `rest` by `table` (diffusers name -> original name)."""
+    for old, new in table.items():
         if rest.startswith(old + "."):
             return new + rest[len(old):]
     return rest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..datasets import DataItem, LatentCache, load_image, sample_latents, vae_fingerprint
+from ..datasets import DataItem, LatentCache, load_image, module_fingerprint, sample_latents
 from .method import Batch
 
 
@@ -34,7 +34,7 @@ class TrainingData:
         self.cached = data.cache_latents and data.crop == "center"
         self.moments: dict[tuple[int, bool], torch.Tensor] = {}
         if self.cached:
-            cache = LatentCache(cache_root() / "latents", vae_fingerprint(base.vae))
+            cache = LatentCache(cache_root() / "latents", module_fingerprint(base.vae))
             for i, item in enumerate(items):
                 for flip in (False, True) if data.flip else (False,):
                     self.moments[i, flip] = cache.moments(item, data.resolution, flip, base.vae)
