@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,7 +17,11 @@ from dreamloom.jobs import RunDir
 from dreamloom.trainers.run import resume_run
 from helpers import train_tiny
 
-SETS = ["train.steps=150", "train.checkpoint_every=10", "train.keep_checkpoints=3", "lora.dropout=0.1"]
+COMMON = ["train.steps=150", "train.checkpoint_every=10", "train.keep_checkpoints=3"]
+CASES = {
+    "lora": ("tiny-lora", COMMON + ["lora.dropout=0.1"]),
+    "dreambooth-prior-ema": ("tiny-dreambooth", COMMON + ["train.ema=true", "train.ema_on_cpu=true"]),
+}
 
 
 def wait_for_checkpoint(out, proc, timeout=120.0) -> RunDir:
@@ -30,10 +35,12 @@ def wait_for_checkpoint(out, proc, timeout=120.0) -> RunDir:
     raise AssertionError("no checkpoint appeared")
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, subject_dir, cli_env):
+@pytest.mark.parametrize("case", CASES)
+def test_resume_after_sigkill_matches_uninterrupted_run(case, tmp_path, subject_dir, cli_env):
+    recipe, sets = CASES[case]
     out = tmp_path / "killed"
-    cmd = ["dreamloom", "train", "tiny-lora", "--data", str(subject_dir), "--class-word", "star", "--out", str(out)]
-    proc = subprocess.Popen(cmd + [a for s in SETS for a in ("--set", s)], env=cli_env,
+    cmd = ["dreamloom", "train", recipe, "--data", str(subject_dir), "--class-word", "star", "--out", str(out)]
+    proc = subprocess.Popen(cmd + [a for s in sets for a in ("--set", s)], env=cli_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = wait_for_checkpoint(out, proc)
     os.kill(proc.pid, signal.SIGKILL)
@@ -47,9 +54,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, subject_dir, c
     assert [e["resumed_from"] for e in events if e["event"] == "start"] == [0, killed_at]
     assert events[-1]["event"] == "end"
 
-    reference, _, _ = train_tiny(tmp_path / "straight", subject_dir, SETS)
+    reference, _, _ = train_tiny(tmp_path / "straight", subject_dir, sets, recipe=recipe)
     resumed = load_file(run.latest_checkpoint() / "trainable.safetensors")
     straight = load_file(reference.latest_checkpoint() / "trainable.safetensors")
     assert resumed.keys() == straight.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+    if "ema" in case:  # the EMA copy resumes too: it is what gets exported
+        ema = [torch.load(r.latest_checkpoint() / "custom_checkpoint_1.pkl", weights_only=True)
+               for r in (run, reference)]
+        for a, b in zip(ema[0]["shadow_params"], ema[1]["shadow_params"], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -24,7 +24,8 @@ def module_fingerprint(module) -> str:
     last tensors change whenever a checkpoint (or its dtype) does.
     """
     digest = hashlib.sha256(type(module).__name__.encode())
-    config = dict(getattr(module, "config", {}))
+    config = getattr(module, "config", {})
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers vs diffusers
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     params = list(module.parameters())
     for index in sorted({0, len(params) // 2, len(params) - 1}):

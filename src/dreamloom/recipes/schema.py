@@ -55,6 +55,11 @@ class TrainSection(Section):
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting; 5.0 is the paper's value")
     noise_offset: float = Field(0.0, ge=0, le=1)
     seed: int = 42
+    fused_backward: bool = Field(False, description="step each weight as soon as its gradient is ready, so all gradients never exist at once (one GPU; gradient clipping then applies per weight tensor)")
+    weights_dtype: Literal["fp32", "bf16"] = Field("fp32", description="bf16: trained weights kept in bf16 with stochastic rounding (needs fused_backward and bf16 mixed precision)")
+    ema: bool = Field(False, description="keep an exponential moving average of the trained weights and export it")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="the EMA's final decay (it warms up to it)")
+    ema_on_cpu: bool = Field(False, description="hold the EMA copy in CPU memory instead of on the GPU")
     checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)
     sample_every: int = Field(0, ge=0, description="validation samples every N steps; 0: only at the end")
@@ -154,6 +159,16 @@ class Recipe(Section):
             elif name not in own and getattr(self, name) is not None:
                 raise ValueError(f"section [{name}] does not apply to method '{self.method}' (it would be "
                                  f"ignored); remove it, or set method to one that uses it")
+        t = self.train
+        if t.weights_dtype == "bf16" and not (t.fused_backward and t.mixed_precision in ("bf16", "auto")):
+            raise ValueError("train.weights_dtype = 'bf16' needs train.fused_backward = true and "
+                             "train.mixed_precision = 'bf16' (or 'auto' on a bf16 GPU)")
+        if t.fused_backward and t.mixed_precision == "fp16":
+            raise ValueError("train.fused_backward cannot use fp16 loss scaling; use mixed_precision 'bf16' or 'no'")
+        if self.prior.enabled and not self.prior.class_data and "{class_word}" in self.prior.class_prompt \
+                and not self.data.class_word:
+            raise ValueError("prior preservation generates class images from prior.class_prompt, which needs "
+                             "data.class_word (e.g. --class-word dog)")
         allowed = METHOD_FORMATS[self.method]
         if self.export.formats is None:
             self.export.formats = list(allowed)

@@ -21,10 +21,13 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
 
 
 class TrainingData:
-    def __init__(self, items: list[DataItem], recipe, base):
+    """One stream of examples: the instance images, or (with its own seed) the class images."""
+
+    def __init__(self, items: list[DataItem], recipe, base, seed: int | None = None, repeats: int | None = None):
         self.items, self.recipe, self.base = items, recipe, base
+        self.seed = recipe.train.seed if seed is None else seed
         data = recipe.data
-        self.size = len(items) * data.repeats
+        self.size = len(items) * (data.repeats if repeats is None else repeats)
         captions = [item.caption for item in items]
         self.input_ids = base.tokenizer(
             captions, padding="max_length", truncation=True,
@@ -38,19 +41,31 @@ class TrainingData:
             for i, item in enumerate(items):
                 for flip in (False, True) if data.flip else (False,):
                     self.moments[i, flip] = cache.moments(item, data.resolution, flip, base.vae)
+        self.hidden_states = None
+        if not any(p.requires_grad for p in base.text_encoder.parameters()):
+            self.hidden_states = self._encode_captions()
+
+    @torch.no_grad()
+    def _encode_captions(self) -> torch.Tensor:
+        """The text encoder is frozen: encode every caption once (CPU copy), not every step."""
+        te = self.base.text_encoder
+        unique = {}
+        for i, row in enumerate(self.input_ids):
+            unique.setdefault(tuple(row.tolist()), []).append(i)
+        out = torch.empty(len(self.items), self.input_ids.shape[1], te.config.hidden_size)
+        for indices in unique.values():
+            out[indices] = te(self.input_ids[indices[:1]].to(te.device))[0].float().cpu()
+        return out
 
     def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.recipe.train.seed + 7919 * epoch)
+        g = torch.Generator().manual_seed(self.seed + 7919 * epoch)
         return torch.randperm(self.size, generator=g) % len(self.items)
 
     def indices(self, step: int, micro: int) -> list[int]:
         """Item indices of one micro-batch: consecutive slices of per-epoch shuffles."""
         train = self.recipe.train
         first = (step * train.gradient_accumulation + micro) * train.batch_size
-        out = []
-        for k in range(first, first + train.batch_size):
-            out.append(int(self._order(k // self.size)[k % self.size]))
-        return out
+        return [int(self._order(k // self.size)[k % self.size]) for k in range(first, first + train.batch_size)]
 
     def _moments(self, i: int, flip: bool, g: torch.Generator) -> torch.Tensor:
         if self.cached:
@@ -66,8 +81,8 @@ class TrainingData:
         flips = [self.recipe.data.flip and bool(torch.rand((), generator=g) < 0.5) for _ in indices]
         moments = torch.stack([self._moments(i, f, g) for i, f in zip(indices, flips)])
         latents = sample_latents(moments, g) * self.base.vae.config.scaling_factor
-        return Batch(latents, self.input_ids[indices], [self.items[i].caption for i in indices], g)
+        hidden = self.hidden_states[indices] if self.hidden_states is not None else None
+        return Batch(latents, self.input_ids[indices], [self.items[i].caption for i in indices], g, hidden)
 
     def batch(self, step: int, micro: int = 0) -> Batch:
-        g = step_generator(self.recipe.train.seed, step, micro)
-        return self.make_batch(self.indices(step, micro), g)
+        return self.make_batch(self.indices(step, micro), step_generator(self.seed, step, micro))

@@ -6,23 +6,28 @@ import dataclasses
 import resource
 import time
 import traceback
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from ..datasets import load_items
+from ..errors import RecipeError
 from ..models import Base, load_base
 from ..sampling import generate, make_grid
 from .checkpoint import load_checkpoint, register_hooks, save_checkpoint
-from .data import TrainingData, step_generator
+from .data import TrainingData
+from .ema import Ema
+from .fused import FusedOptimizer
 from .method import Method, unwrap
 from .optim import WEIGHT_DTYPES, make_optimizer, resolve_mixed_precision
+from .prior import class_items
 from .registry import get_method
+
+PARTS = ("unet", "vae", "text_encoder")
 
 
 def dataset_items(recipe):
@@ -42,15 +47,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
 
 
-def cast_for_precision(base: Base, method: Method, dtype: torch.dtype) -> None:
-    """Frozen weights in the compute dtype (half the memory); trained weights stay fp32."""
+def cast_for_precision(base: Base, dtype: torch.dtype, keep_trained: bool) -> None:
+    """Frozen weights in the compute dtype (half the memory). Trained weights stay fp32 unless
+    the recipe keeps them in bf16 (stochastic rounding takes care of their updates)."""
     if dtype == torch.float32:
         return
-    for name in ("unet", "vae", "text_encoder"):
-        module = getattr(base, name)
-        module.to(dtype=dtype)
-        if name in method.trainable_modules:
-            cast_training_params(module, dtype=torch.float32)
+    for name in PARTS:
+        for p in getattr(base, name).parameters():
+            if not p.requires_grad or keep_trained:
+                p.data = p.data.to(dtype)
+
+
+@contextmanager
+def parts_on(base: Base, device: torch.device):
+    """Bring offloaded parts (VAE, frozen text encoder) to the device for sampling, then back."""
+    where = {name: next(getattr(base, name).parameters()).device for name in PARTS}
+    for name in PARTS:
+        getattr(base, name).to(device)
+    try:
+        yield
+    finally:
+        for name, dev in where.items():
+            getattr(base, name).to(dev)
 
 
 @torch.no_grad()
@@ -70,14 +88,14 @@ def first_loss(run) -> float | None:
 
 def save_samples(run, recipe, base: Base, step: int, accelerator: Accelerator) -> None:
     s = recipe.sample
-    with accelerator.autocast():
-        images = generate(plain(base).pipeline(), [recipe.fill(p) for p in s.prompts],
-                          negative_prompt=s.negative_prompt, steps=s.steps, guidance_scale=s.guidance_scale,
-                          seed=s.seed, images_per_prompt=s.images_per_prompt)
+    prompts = [recipe.fill(p) for p in s.prompts]
+    with parts_on(base, accelerator.device), accelerator.autocast():
+        images = generate(plain(base).pipeline(), prompts, negative_prompt=s.negative_prompt, steps=s.steps,
+                          guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt)
     run.samples.mkdir(exist_ok=True)
     path = run.samples / f"step-{step:08d}.png"
     make_grid(images, cols=s.images_per_prompt).save(path)
-    run.log("sample", step=step, path=str(path), prompts=[recipe.fill(p) for p in s.prompts])
+    run.log("sample", step=step, path=str(path), prompts=prompts)
 
 
 def train(run, base: Base | None = None, items=None, resume: bool = False) -> list:
@@ -98,39 +116,66 @@ def _train(run, base, items, resume):
     method = get_method(recipe.method)(recipe)
 
     precision = resolve_mixed_precision(t.mixed_precision, PartialState().device)
+    if t.weights_dtype == "bf16" and precision != "bf16":
+        raise RecipeError("train.weights_dtype = 'bf16' needs bf16 mixed precision, which this device lacks.")
     AcceleratorState._reset_state()  # a process (a test, the studio) may train runs of differing precision
     accelerator = Accelerator(mixed_precision=precision)
+    if t.fused_backward and accelerator.num_processes > 1:
+        raise RecipeError("train.fused_backward steps weights before gradients are averaged across GPUs; "
+                          "turn it off for multi-GPU runs.")
+    device = accelerator.device
     torch.manual_seed(t.seed)
+    base.to(device)
+
+    prior = None
+    if recipe.prior.enabled:  # generated from the untouched base, before any training memory exists
+        with accelerator.autocast():
+            prior_items, made = class_items(recipe, base, log=lambda m: print(m, flush=True))
+        run.log("class_images", count=len(prior_items), generated=made, folder=str(prior_items[0].path.parent))
 
     groups = method.prepare(base)
     if t.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if "text_encoder" in method.trainable_modules:
             base.text_encoder.gradient_checkpointing_enable()
-    cast_for_precision(base, method, WEIGHT_DTYPES[precision])
-    base.to(accelerator.device)
+    cast_for_precision(base, WEIGHT_DTYPES[precision], keep_trained=t.weights_dtype == "bf16")
     data = TrainingData(items, recipe, base)
-    if data.cached and accelerator.device.type == "cuda":
-        base.vae.to("cpu")  # latents are cached: the VAE is only needed again for samples
+    if recipe.prior.enabled:
+        prior = TrainingData(prior_items, recipe, base, seed=t.seed + 1, repeats=1)
+    if device.type == "cuda":  # latents and captions are cached: those parts wait in CPU memory
+        if data.cached:
+            base.vae.to("cpu")
+        if data.hidden_states is not None:
+            base.text_encoder.to("cpu")
 
-    optimizer = make_optimizer(t, groups)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.steps)
+    params = [p for g in groups for p in g["params"]]
     names = method.trainable_modules
-    *modules, optimizer = accelerator.prepare(*[getattr(base, n) for n in names], optimizer)
+    if t.fused_backward:
+        optimizer = FusedOptimizer(t, groups, seed=t.seed)
+        modules = accelerator.prepare(*[getattr(base, n) for n in names])
+        modules = list(modules) if isinstance(modules, (list, tuple)) else [modules]
+        accelerator.register_for_checkpointing(optimizer)
+    else:
+        *modules, optimizer = accelerator.prepare(*[getattr(base, n) for n in names], make_optimizer(t, groups))
     for name, module in zip(names, modules):
         setattr(base, name, module)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.steps)
     accelerator.register_for_checkpointing(lr_scheduler)
+    ema = Ema(params, t.ema_decay, t.ema_on_cpu) if t.ema else None
+    if ema:
+        accelerator.register_for_checkpointing(ema)
     register_hooks(accelerator, method, base)
-    params = [p for g in groups for p in g["params"]]
 
     start = 0
     latest = run.latest_checkpoint() if resume else None
     if latest is not None:
         start = load_checkpoint(accelerator, latest)
+    method.before_step(base, start)
     loss_before = measure_loss(method, base, data) if start == 0 else first_loss(run)
     run.log("start", method=method.name, base=base.spec, steps=t.steps, resumed_from=start,
-            device=str(accelerator.device), mixed_precision=precision, images=len(items),
+            device=str(device), mixed_precision=precision, images=len(items),
+            class_images=len(prior.items) if prior else 0,
             trainable_params=sum(p.numel() for p in params), loss_before=loss_before)
 
     for module in modules:
@@ -139,21 +184,30 @@ def _train(run, base, items, resume):
     last_time, last_step = time.perf_counter(), start
     for step in range(start, t.steps):
         torch.manual_seed(t.seed + step)  # dropout and the like: same per step after a resume
+        method.before_step(base, step)
         step_loss = 0.0
         for micro in range(t.gradient_accumulation):
+            last_micro = micro == t.gradient_accumulation - 1
+            if t.fused_backward:
+                optimizer.begin_step(step, last_micro)
             with ExitStack() as stack:
-                if micro < t.gradient_accumulation - 1:  # sync gradients across GPUs only once
+                if not last_micro:  # sync gradients across GPUs only once per step
                     for module in modules:
                         stack.enter_context(accelerator.no_sync(module))
-                loss = method.loss(base, data.batch(step, micro)) / t.gradient_accumulation
+                batch = data.batch(step, micro)
+                if prior:
+                    batch = batch.with_prior(prior.batch(step, micro), recipe.prior.loss_weight)
+                loss = method.loss(base, batch) / t.gradient_accumulation
                 accelerator.backward(loss)
             step_loss += loss.item()
-        if t.max_grad_norm:
+        if t.max_grad_norm and not t.fused_backward:  # the fused pass clips inside its hooks
             accelerator.clip_grad_norm_(params, t.max_grad_norm)
         lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema:
+            ema.step()
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
@@ -163,14 +217,17 @@ def _train(run, base, items, resume):
             it_s = (done - last_step) / max(now - last_time, 1e-9)
             run.log("step", step=done, loss=step_loss, lr=lr, it_s=round(it_s, 3),
                     images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
-                    peak_mem_mb=round(peak_memory_mb(accelerator.device), 1))
+                    peak_mem_mb=round(peak_memory_mb(device), 1))
             last_time, last_step = now, done
         if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
             path = save_checkpoint(accelerator, run, done, t.keep_checkpoints)
             run.log("checkpoint", step=done, path=str(path))
         if t.sample_every and done % t.sample_every == 0 and done < t.steps and accelerator.is_main_process:
-            save_samples(run, recipe, base, done, accelerator)
+            with ema.applied() if ema else nullcontext():
+                save_samples(run, recipe, base, done, accelerator)
     bar.close()
+    if t.fused_backward:
+        optimizer.remove_hooks()
 
     path = save_checkpoint(accelerator, run, t.steps, t.keep_checkpoints)
     run.log("checkpoint", step=t.steps, path=str(path))
@@ -178,9 +235,10 @@ def _train(run, base, items, resume):
     if accelerator.is_main_process:
         for module in modules:
             module.eval()
-        loss_after = measure_loss(method, base, data)
-        save_samples(run, recipe, base, t.steps, accelerator)
-        exports = method.export(plain(base), run, recipe.export.formats)
+        with ema.applied() if ema else nullcontext():  # samples and exports show the EMA weights
+            loss_after = measure_loss(method, base, data)
+            save_samples(run, recipe, base, t.steps, accelerator)
+            exports = method.export(plain(base), run, recipe.export.formats)
         run.log("export", paths=[str(p) for p in exports])
         run.log("end", step=t.steps, loss_before=loss_before, loss_after=loss_after)
     accelerator.end_training()

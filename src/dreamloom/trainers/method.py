@@ -27,6 +27,18 @@ class Batch:
     input_ids: torch.Tensor  # tokenized captions [B, 77]
     captions: list[str]
     generator: torch.Generator  # seeded per step: noise and timesteps are reproducible on resume
+    hidden_states: torch.Tensor | None = None  # cached text-encoder output, when it does not train
+    weights: torch.Tensor | None = None  # per-example loss weights summing to the batch's loss; default 1/B
+
+    def with_prior(self, prior: "Batch", prior_weight: float) -> "Batch":
+        """Instance and class examples in one step: loss = instance mean + weight * class mean."""
+        n, m = len(self.captions), len(prior.captions)
+        hidden = None
+        if self.hidden_states is not None and prior.hidden_states is not None:
+            hidden = torch.cat([self.hidden_states, prior.hidden_states])
+        weights = torch.tensor([1 / n] * n + [prior_weight / m] * m)
+        return Batch(torch.cat([self.latents, prior.latents]), torch.cat([self.input_ids, prior.input_ids]),
+                     self.captions + prior.captions, self.generator, hidden, weights)
 
 
 ParamGroups = list[dict]  # torch optimizer parameter groups: {"params": [...], "lr": float}
@@ -44,6 +56,9 @@ class Method:
     def prepare(self, base: "Base") -> ParamGroups:
         """Freeze the base, inject/initialise trainable weights, return optimizer groups."""
         raise NotImplementedError
+
+    def before_step(self, base: "Base", step: int) -> None:
+        """Called before every step (and on resume): for schedules such as freezing a part."""
 
     def loss(self, base: "Base", batch: Batch) -> torch.Tensor:
         return noise_loss(base, batch, self.recipe.train)

@@ -34,7 +34,8 @@ def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: t
     noise, timesteps = noise.to(device), timesteps.to(device)
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    hidden = encode_prompt(base, batch.input_ids)
+    hidden = batch.hidden_states if batch.hidden_states is not None else encode_prompt(base, batch.input_ids)
+    hidden = hidden.to(device)
     unet_dtype = next(base.unet.parameters()).dtype
     pred = base.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype)).sample.float()
 
@@ -48,4 +49,6 @@ def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: t
         weight = torch.clamp(snr, max=train.min_snr_gamma)
         weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
         loss = loss * weight
-    return loss.mean()
+    if batch.weights is None:
+        return loss.mean()
+    return (loss * batch.weights.to(device)).sum()

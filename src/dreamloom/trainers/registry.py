@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..errors import RecipeError
+from .dreambooth import DreamboothMethod
+from .hypernetwork import HypernetworkMethod
 from .lora import LoraMethod
 from .method import Method
 
-METHODS: dict[str, type[Method]] = {LoraMethod.name: LoraMethod}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraMethod, DreamboothMethod, HypernetworkMethod)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -10,15 +10,18 @@ from ..jobs import RunDir
 from ..models import check_base_spec, load_base
 from .checkpoint import load_trainable
 from .loop import dataset_items, train
+from .prior import user_class_items
 from .registry import get_method
 
 
 def start_run(recipe, out_root: str | Path) -> tuple[RunDir, list[Path]]:
     if not recipe.data.path:
         raise RecipeError("no training images: pass --data FOLDER (or set data.path in the recipe).")
-    get_method(recipe.method)
+    get_method(recipe.method)(recipe)  # a method checks its own settings on creation
     check_base_spec(recipe.base.model)
     items = dataset_items(recipe)  # every image decoded and checked; all problems reported at once
+    if recipe.prior.enabled and recipe.prior.class_data:
+        user_class_items(recipe)  # the user's class images are checked just the same
     base = load_base(recipe.base.model)
     run = RunDir.create(out_root, recipe)
     run.write_manifest(items)
