@@ -291,3 +291,21 @@ def test_sampler_refuses_files_that_do_not_fit(tmp_path, hn_run):
         attach_hypernetworks(base.pipeline(), base, [(unsafe, 1.0)])
     with pytest.raises(AdapterError, match="does not exist"):
         attach_hypernetworks(base.pipeline(), base, [(tmp_path / "missing.pt", 1.0)])
+
+
+def test_sample_cli_applies_hypernetworks(tmp_path, hn_run, capsys):
+    """`dreamloom sample --hypernetwork FILE:STRENGTH`: strength 0 draws the base image."""
+    from PIL import Image
+
+    from dreamloom.cli import main
+
+    _, _, exports = hn_run
+    paths = {}
+    for name, extra in (("base", []), ("zero", ["--hypernetwork", f"{exports[0]}:0"]),
+                        ("hn", ["--hypernetwork", f"{exports[0]}:1.0", "--hypernetwork", f"{exports[1]}:0.5"])):
+        paths[name] = tmp_path / f"{name}.png"
+        assert main(["sample", "--base", "tiny", "--prompt", "a photo of sks star", "--steps", "3",
+                     "--out", str(paths[name]), *extra]) == 0
+    pixels = {k: np.asarray(Image.open(p)) for k, p in paths.items()}
+    assert np.array_equal(pixels["base"], pixels["zero"])
+    assert not np.array_equal(pixels["base"], pixels["hn"])

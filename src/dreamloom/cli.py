@@ -39,6 +39,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from .models import load_base
     from .sampling import attach_loras, generate, make_grid, parse_weighted
+    from .sampling.hypernetwork import attach_hypernetworks
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -46,6 +47,7 @@ def cmd_sample(args) -> int:
     base = load_base(args.base)
     pipe = base.pipeline()
     attach_loras(pipe, base, [parse_weighted(s) for s in args.lora])
+    attach_hypernetworks(pipe, base, [parse_weighted(s) for s in args.hypernetwork])
     images = generate(pipe, args.prompt, negative_prompt=args.negative, steps=args.steps,
                       guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.n)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue a crashed or killed run from its latest checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="draw images with a base model and LoRA files")
+    p = sub.add_parser("sample", help="draw images with a base model and LoRA / hypernetwork files")
     p.add_argument("--base", default="tiny")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="LoRA file (kohya or diffusers), repeatable")
+    p.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="hypernetwork .pt or .safetensors, repeatable (applied in order)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable: one grid row per prompt")
     p.add_argument("--negative", default="")
     p.add_argument("--seed", type=int, default=0)
