@@ -14,6 +14,7 @@ from dreamloom.models import load_base
 from dreamloom.recipes import resolve_recipe
 from dreamloom.errors import RecipeError
 from dreamloom.trainers.fused import stochastic_round_to_bf16
+from dreamloom.trainers.run import export_run
 from helpers import image, train_tiny
 
 NO_PRIOR = ["prior.enabled=false"]
@@ -173,9 +174,10 @@ def test_ema_weights_are_exported(tmp_path, subject_dir):
     base = load_base("tiny").unet.state_dict()
     key = "down_blocks.0.attentions.0.proj_in.weight"
     assert not torch.equal(exported[key], live[key]) and not torch.equal(exported[key], base[key])
-    ema = torch.load(run.latest_checkpoint() / "custom_checkpoint_1.pkl", weights_only=True)
-    names = [k for k, p in trained.unet.named_parameters()]
-    torch.testing.assert_close(exported[key], ema["shadow_params"][names.index(key)])
+    ema = load_file(run.latest_checkpoint() / "ema.safetensors")
+    torch.testing.assert_close(exported[key], ema[f"unet.{key}"])
+    reexported = export_run(run.path, overwrite=True)  # re-exports take the EMA weights too
+    torch.testing.assert_close(load_base(str(reexported[0])).unet.state_dict()[key], ema[f"unet.{key}"])
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -12,20 +12,34 @@ import json
 import os
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 TRAINABLE = "trainable.safetensors"
+EMA = "ema.safetensors"  # the EMA weights, under the same names as TRAINABLE
 PROGRESS = "progress.json"
 
 
-def register_hooks(accelerator, method, base) -> None:
+def _method_state(method, base) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in method.state_dict(base).items()}
+
+
+def register_hooks(accelerator, method, base, ema=None) -> None:
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict(base).items()}
-            save_file(state, os.path.join(output_dir, TRAINABLE))
+            save_file(_method_state(method, base), os.path.join(output_dir, TRAINABLE))
+            if ema is not None:
+                with ema.applied():
+                    save_file(_method_state(method, base), os.path.join(output_dir, EMA),
+                              metadata={"steps": str(ema.steps)})
         weights.clear()  # the method's state above replaces the full model weights
 
     def load_hook(models, input_dir):
+        if ema is not None:  # EMA weights through the model into the average, then the live ones
+            path = os.path.join(input_dir, EMA)
+            method.load_state_dict(base, load_file(path))
+            with safe_open(path, "pt") as f:
+                ema.reset_from_params(int(f.metadata()["steps"]))
         method.load_state_dict(base, load_file(os.path.join(input_dir, TRAINABLE)))
         models.clear()
 
@@ -51,5 +65,7 @@ def load_checkpoint(accelerator, path: Path) -> int:
     return json.loads((path / PROGRESS).read_text())["step"]
 
 
-def load_trainable(path: Path) -> dict:
-    return load_file(path / TRAINABLE)
+def load_trainable(path: Path, prefer_ema: bool = True) -> dict:
+    """The weights to export from a checkpoint: the EMA ones where the run kept an EMA."""
+    ema = path / EMA
+    return load_file(ema if prefer_ema and ema.exists() else path / TRAINABLE)

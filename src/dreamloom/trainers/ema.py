@@ -34,8 +34,12 @@ class Ema:
         finally:
             self.model.restore(self.params)
 
-    def state_dict(self) -> dict:
-        return self.model.state_dict()
+    @property
+    def steps(self) -> int:
+        return self.model.optimization_step
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state)
+    def reset_from_params(self, steps: int) -> None:
+        """Take the weights now in the model as the average (after loading a checkpoint's EMA
+        weights into it), at the given number of averaging steps."""
+        self.model.shadow_params = [t.detach().clone() for t in self._source()]
+        self.model.optimization_step = steps

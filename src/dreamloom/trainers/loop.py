@@ -163,9 +163,7 @@ def _train(run, base, items, resume):
                                  num_training_steps=t.steps)
     accelerator.register_for_checkpointing(lr_scheduler)
     ema = Ema(params, t.ema_decay, t.ema_on_cpu) if t.ema else None
-    if ema:
-        accelerator.register_for_checkpointing(ema)
-    register_hooks(accelerator, method, base)
+    register_hooks(accelerator, method, base, ema)
 
     start = 0
     latest = run.latest_checkpoint() if resume else None
