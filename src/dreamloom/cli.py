@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import DreamloomError
+from .errors import DreamloomError, TrainingStopped
+
+STOPPED_EXIT_CODE = 3  # training stopped on request, with a checkpoint: the job queue's "cancelled"
 
 
 SHORTCUTS = {"data": "data.path", "trigger": "data.trigger", "class_word": "data.class_word",
@@ -77,6 +79,56 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def studio_home(args) -> Path:
+    return Path(args.home or os.environ.get("DREAMLOOM_HOME") or Path.home() / ".dreamloom")
+
+
+def cmd_jobs(args) -> int:
+    from .jobs.queue import JobQueue
+
+    queue = JobQueue(studio_home(args))
+    if args.action == "submit":
+        from .recipes import resolve_recipe
+        from .trainers.run import check_run_inputs
+
+        if not args.recipe:
+            raise DreamloomError("`dreamloom jobs submit RECIPE --data FOLDER`: name a recipe.")
+        recipe = resolve_recipe(args.recipe, args.set, _shortcut_values(args))
+        check_run_inputs(recipe)
+        print(f"job {queue.submit(recipe, args.out or queue.home / 'runs')} queued")
+    elif args.action == "list":
+        for job in queue.jobs():
+            print(f"{job.id:>4}  {job.state:9s}  {job.name:24s}  {job.run_dir or '-'}")
+    elif args.action in ("cancel", "resume", "logs"):
+        if args.job is None:
+            raise DreamloomError(f"`dreamloom jobs {args.action} ID`: name the job (see `dreamloom jobs list`).")
+        if args.action == "cancel":
+            print(f"job {args.job}: {queue.cancel(args.job)}")
+        elif args.action == "resume":
+            queue.requeue(args.job)
+            print(f"job {args.job} queued again; it resumes from its latest checkpoint")
+        else:
+            from .jobs.worker import job_log
+
+            queue.get(args.job)
+            log = job_log(queue, args.job)
+            print("\n".join(log.read_text().splitlines()[-args.lines:]) if log.exists() else "(no log yet)")
+    elif args.action == "worker":
+        from .jobs.worker import run_worker
+
+        devices = args.devices.split(",") if args.devices else [None]
+        if len(devices) == 1:
+            run_worker(queue.home, devices[0], once=args.once)
+        else:  # one worker process per GPU, all on the same queue
+            import subprocess
+
+            procs = [subprocess.Popen([sys.executable, "-m", "dreamloom", "jobs", "worker", "--home",
+                                       str(queue.home), "--devices", d] + (["--once"] if args.once else []))
+                     for d in devices]
+            return max(p.wait() for p in procs)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -126,6 +178,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_recipes)
 
+    p = sub.add_parser("jobs", help="the job queue the studio uses: submit, list, cancel, resume, logs, worker")
+    p.add_argument("action", choices=["submit", "list", "cancel", "resume", "logs", "worker"])
+    p.add_argument("job", nargs="?", type=int, help="job id (cancel, resume, logs)")
+    p.add_argument("--home", help="studio home folder (default: $DREAMLOOM_HOME or ~/.dreamloom)")
+    p.add_argument("--recipe", help="submit: built-in recipe name or .toml file")
+    p.add_argument("--data")
+    p.add_argument("--trigger")
+    p.add_argument("--class-word", dest="class_word")
+    p.add_argument("--base")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="submit: folder for the run directory (default: <home>/runs)")
+    p.add_argument("--lines", type=int, default=40, help="logs: how many lines")
+    p.add_argument("--devices", help="worker: comma-separated GPU ids, one worker each (e.g. 0,1)")
+    p.add_argument("--once", action="store_true", help="worker: stop when the queue is empty")
+    p.set_defaults(func=cmd_jobs)
+
     p = sub.add_parser("demo", help="train and sample the tiny LoRA recipe on generated images")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(func=cmd_demo)
@@ -147,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except TrainingStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return STOPPED_EXIT_CODE
     except DreamloomError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

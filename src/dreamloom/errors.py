@@ -19,3 +19,7 @@ class BaseModelError(DreamloomError):
 
 class AdapterError(DreamloomError):
     """An adapter file that does not fit the base model or is not in a known format."""
+
+
+class TrainingStopped(DreamloomError):
+    """Training was asked to stop (SIGTERM, a cancel from the queue) and checkpointed first."""

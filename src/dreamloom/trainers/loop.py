@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import resource
+import signal
+import threading
 import time
 import traceback
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -15,7 +17,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..datasets import load_items
-from ..errors import RecipeError
+from ..errors import RecipeError, TrainingStopped
 from ..models import Base, load_base
 from ..sampling import generate, make_grid
 from .checkpoint import load_checkpoint, register_hooks, save_checkpoint
@@ -98,17 +100,41 @@ def save_samples(run, recipe, base: Base, step: int, accelerator: Accelerator) -
     run.log("sample", step=step, path=str(path), prompts=prompts)
 
 
+class StopRequest:
+    """SIGTERM (a cancel from the job queue, the worker's death, `kill`) asks training to stop
+    after the current step, with a checkpoint, rather than losing the work since the last one."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def close(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def train(run, base: Base | None = None, items=None, resume: bool = False) -> list:
     """Train the run's recipe to the end (resuming from its latest checkpoint if asked);
     returns the exported files. Every event lands in the run's events.jsonl."""
+    stop = StopRequest()
     try:
-        return _train(run, base, items, resume)
+        return _train(run, base, items, resume, stop)
+    except TrainingStopped as exc:
+        run.log("stopped", message=str(exc))
+        raise
     except BaseException as exc:
         run.log("error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
+    finally:
+        stop.close()
 
 
-def _train(run, base, items, resume):
+def _train(run, base, items, resume, stop: StopRequest):
     recipe = run.recipe()
     t = recipe.train
     items = items if items is not None else dataset_items(recipe)
@@ -217,9 +243,12 @@ def _train(run, base, items, resume):
                     images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
                     peak_mem_mb=round(peak_memory_mb(device), 1))
             last_time, last_step = now, done
-        if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+        if done < t.steps and (stop.requested or (t.checkpoint_every and done % t.checkpoint_every == 0)):
             path = save_checkpoint(accelerator, run, done, t.keep_checkpoints)
             run.log("checkpoint", step=done, path=str(path))
+        if stop.requested and done < t.steps:
+            raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
+                                  f"continue with `dreamloom train --resume {run.path}`")
         if t.sample_every and done % t.sample_every == 0 and done < t.steps and accelerator.is_main_process:
             with ema.applied() if ema else nullcontext():
                 save_samples(run, recipe, base, done, accelerator)

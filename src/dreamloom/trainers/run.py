@@ -14,7 +14,8 @@ from .prior import user_class_items
 from .registry import get_method
 
 
-def start_run(recipe, out_root: str | Path) -> tuple[RunDir, list[Path]]:
+def check_run_inputs(recipe) -> list:
+    """Everything that can be checked without loading the model; returns the training items."""
     if not recipe.data.path:
         raise RecipeError("no training images: pass --data FOLDER (or set data.path in the recipe).")
     get_method(recipe.method)(recipe)  # a method checks its own settings on creation
@@ -22,6 +23,11 @@ def start_run(recipe, out_root: str | Path) -> tuple[RunDir, list[Path]]:
     items = dataset_items(recipe)  # every image decoded and checked; all problems reported at once
     if recipe.prior.enabled and recipe.prior.class_data:
         user_class_items(recipe)  # the user's class images are checked just the same
+    return items
+
+
+def start_run(recipe, out_root: str | Path) -> tuple[RunDir, list[Path]]:
+    items = check_run_inputs(recipe)
     base = load_base(recipe.base.model)
     run = RunDir.create(out_root, recipe)
     run.write_manifest(items)
