@@ -4,9 +4,6 @@ exact reload of both export formats, strengths, resume after SIGKILL, and bad in
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -21,9 +18,8 @@ from dreamloom.models.hypernetwork import Hypernetwork, HypernetworkAttnProcesso
 from dreamloom.recipes import resolve_recipe
 from dreamloom.sampling.hypernetwork import attach_hypernetworks
 from dreamloom.trainers.hypernetwork import HypernetworkMethod
-from dreamloom.trainers.run import export_run, resume_run
+from dreamloom.trainers.run import export_run
 from helpers import image, train_tiny
-from test_resume import wait_for_checkpoint
 
 FIELDS = ["step", "name", "layer_structure", "activation_func", "is_layer_norm", "weight_initialization",
           "sd_checkpoint", "sd_checkpoint_name", "activate_output", "use_dropout", "dropout_structure",
@@ -220,35 +216,6 @@ def test_reexport_refuses_to_overwrite_then_matches(hn_run):
     for width in (32, 64):
         for a, b in zip(original[width], again[width]):
             assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-RESUME_SETS = QUICK_SAMPLES + ["train.steps=60", "train.checkpoint_every=10", "train.keep_checkpoints=3",
-                               "hypernetwork.layer_structure=[1,2,2,1]", "hypernetwork.activation=relu",
-                               "hypernetwork.dropout=true"]  # dropout: its randomness must resume exactly too
-
-
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, subject_dir, cli_env):
-    out = tmp_path / "killed"
-    cmd = ["dreamloom", "train", "tiny-hypernetwork", "--data", str(subject_dir), "--class-word", "star",
-           "--out", str(out)] + [a for s in RESUME_SETS for a in ("--set", s)]
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen(cmd, env=cli_env, stdout=log, stderr=subprocess.STDOUT)
-        run = wait_for_checkpoint(out, proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not any(e["event"] == "end" for e in run.events()), "the run finished before it was killed"
-    killed_at = run.checkpoint_steps()[-1]
-    assert 10 <= killed_at < 60
-
-    with pytest.warns(UserWarning, match="Dropout"):
-        resume_run(run.path)
-        reference, _, _ = train_tiny(tmp_path / "straight", subject_dir, RESUME_SETS, recipe="tiny-hypernetwork")
-    assert [e["resumed_from"] for e in run.events() if e["event"] == "start"] == [0, killed_at]
-    resumed = load_file(run.latest_checkpoint() / "trainable.safetensors")
-    straight = load_file(reference.latest_checkpoint() / "trainable.safetensors")
-    assert resumed.keys() == straight.keys() and "32.0.linear.3.weight" in straight  # ReLU, Dropout shift
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("settings, message", [

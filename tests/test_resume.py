@@ -21,6 +21,9 @@ COMMON = ["train.steps=150", "train.checkpoint_every=10", "train.keep_checkpoint
 CASES = {
     "lora": ("tiny-lora", COMMON + ["lora.dropout=0.1"]),
     "dreambooth-prior-ema": ("tiny-dreambooth", COMMON + ["train.ema=true", "train.ema_on_cpu=true"]),
+    # ReLU and Dropout shift A1111's layer numbering; the dropout's randomness must resume exactly too
+    "hypernetwork-dropout": ("tiny-hypernetwork", COMMON + ["hypernetwork.layer_structure=[1,2,2,1]",
+                                                            "hypernetwork.activation='relu'", "hypernetwork.dropout=true"]),
 }
 
 

@@ -173,7 +173,6 @@ def uses_builtin_tokenizer(base) -> bool:
 def v2_inference_yaml(base) -> dict:
     """The v-prediction inference config A1111/Forge pick up from `<name>.yaml` (v2-inference-v.yaml)."""
     unet, vae = base.unet.config, base.vae.config
-    levels = len(unet.block_out_channels)
     return {"model": {
         "base_learning_rate": 1.0e-4,
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
