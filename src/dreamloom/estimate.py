@@ -1,0 +1,298 @@
+"""`dreamloom estimate`: a run's peak GPU memory from the architecture and the recipe. Weights, gradients, optimizer state
+and EMA are counted exactly on the model built on the meta device (no memory, instant), by the loop's rules; activations
+are measured: the storages autograd saves in one forward + backward on the meta device, cached per arch x settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .errors import BaseModelError, RecipeError
+
+GiB = 2**30
+# The CUDA context and cuBLAS/cuDNN kernels take ~0.3-0.5 GiB on CUDA 12 (lazy loading): they count against the
+# card but not in torch.cuda.max_memory_allocated. We reserve 0.5 GiB.
+CUDA_CONTEXT = 512 * 2**20
+# The caching allocator reserves more than it hands out (block rounding, fragmentation), typically 5-15% over
+# max_memory_allocated in training loops: we add 10% of the allocated bytes.
+ALLOCATOR_SLACK = 0.10
+MEASURE_VERSION = 1  # bump when the measurement changes: cached figures are then measured again
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class Estimate:
+    """Byte counts of what is on the GPU at the peak of a training step."""
+
+    title: str  # recipe, base, resolution, examples per step, precision, trained parameters
+    fused: bool
+    weights: dict[str, int]  # part on the GPU -> bytes
+    weight_labels: dict[str, str]  # part -> its parameters, trained and frozen, and their dtypes
+    gradients: int
+    optimizer: int
+    ema: int
+    autocast_copies: int  # compute-dtype copies of fp32 trained weights, held until the forward pass ends
+    activations: int  # saved for backward, measured
+    backward_transient: int  # gradients of the largest activation and of its neighbour
+    step_temporaries: int  # the optimizer step's scratch
+    other: int  # the batch on the GPU: latents, noise, text-encoder states
+    notes: list[str] = field(default_factory=list)
+    hints: dict[str, list[str]] = field(default_factory=dict)  # term -> recipe keys that cut it
+
+    @property
+    def allocated(self) -> int:
+        """max_memory_allocated. Unless fused, gradients and the step's scratch come as the activations are freed."""
+        fixed = sum(self.weights.values()) + self.optimizer + self.ema + self.other
+        backward, after = self.activations + self.autocast_copies + self.backward_transient, self.gradients + self.step_temporaries
+        return fixed + (backward + after if self.fused else max(backward, after))
+
+    @property
+    def total(self) -> int:
+        return int(self.allocated * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT
+
+    def fits(self, vram_gb: float) -> bool:
+        return self.total <= vram_gb * GiB
+
+    def format(self, vram_gb: float | None = None) -> str:
+        when = "in the backward pass" if self.fused else "after the backward pass"
+        rows = [("weights", f"weights: {part} ({self.weight_labels[part]})", b) for part, b in self.weights.items()] + [
+            ("gradients", f"gradients ({'one tensor at a time, fused' if self.fused else when})", self.gradients),
+            ("optimizer", "optimizer state", self.optimizer), ("ema", "EMA copy", self.ema),
+            ("autocast", "autocast copies of trained weights", self.autocast_copies),
+            ("activations", "activations (saved for backward, measured)", self.activations),
+            ("transient", "backward transients (2 x largest saved tensor)", self.backward_transient),
+            ("step", f"optimizer-step temporaries ({when})", self.step_temporaries), ("other", "batch tensors", self.other),
+            ("slack", f"allocator slack ({ALLOCATOR_SLACK:.0%} of allocated)", int(self.allocated * ALLOCATOR_SLACK)),
+            ("context", "CUDA context and kernels (fixed)", CUDA_CONTEXT), ("total", "total (predicted peak)", self.total)]
+        width = max(len(label) for _, label, _ in rows) + 2
+        lines = [f"dreamloom estimate: {self.title}", "", f"{'term':<{width}}{'GiB':>8}"] + [
+            f"{label:<{width}}{b / GiB:>8.3f}" for _, label, b in rows]
+        if vram_gb is not None and self.fits(vram_gb):
+            lines.append(f"\nfits a {vram_gb:g} GiB card ({(vram_gb * GiB - self.total) / GiB:.2f} GiB spare).")
+        elif vram_gb is not None:
+            big = sorted(rows[:-3], key=lambda r: -r[2])[:3]
+            lines.append(f"\nWARNING: needs {self.total / GiB:.2f} GiB, more than the {vram_gb:g} GiB card. Biggest "
+                         "terms: " + ", ".join(f"{label.split(' (')[0]} {b / GiB:.2f} GiB" for _, label, b in big) + ".")
+            cuts = dict.fromkeys(h for key, _, _ in big for h in self.hints.get(key, []))
+            lines += ["To cut them: " + "; ".join(cuts) + "."] if cuts else []
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def _hints(recipe) -> dict[str, list[str]]:
+    t, full, hints, act = recipe.train, recipe.method == "dreambooth", {}, ("activations", "transient")
+    for keys, applies, hint in [
+        (("weights", "gradients", "autocast"), full and t.weights_dtype == "fp32", "train.weights_dtype=bf16 (with train.fused_backward=true)"),
+        (("weights",), full, "method=lora"), (("gradients",), not t.fused_backward, "train.fused_backward=true"),
+        (("weights",), not (recipe.data.cache_latents and recipe.data.crop == "center"), "data.cache_latents=true"),
+        (("optimizer", "step"), t.optimizer != "adamw8bit", "train.optimizer=adamw8bit"), (("ema",), t.ema and not t.ema_on_cpu, "train.ema_on_cpu=true"),
+        (act, not t.gradient_checkpointing, "train.gradient_checkpointing=true"), (act, True, "a smaller data.resolution"),
+        (act, t.batch_size > 1, "a smaller train.batch_size (raise train.gradient_accumulation)"),
+        (act, recipe.prior.enabled, "prior.enabled=false (prior preservation doubles the batch)")]:
+        for key in keys if applies else ():
+            hints.setdefault(key, []).append(hint)
+    return hints
+
+
+def _meta_base(spec: str):
+    """The base on the meta device, from the architecture of tiny, random:<arch>, a local folder or checkpoint."""
+    from .models.base import build_random
+    from .models.configs import ARCHS, arch_for_text_width
+
+    known, path = ", ".join(["tiny"] + [f"random:{n}" for n in ARCHS if n != "tiny"]), Path(spec).expanduser()
+    if spec == "tiny" or spec.startswith("random:"):
+        if spec.removeprefix("random:") not in ARCHS or spec == "random:tiny":
+            raise BaseModelError(f"unknown architecture '{spec}'; estimate knows {known} (or a local SD 1.x/2.x model).")
+        arch = ARCHS[spec.removeprefix("random:")]
+    elif (path / "unet" / "config.json").is_file():  # a diffusers folder
+        width = json.loads((path / "unet" / "config.json").read_text()).get("cross_attention_dim")
+        if (arch := arch_for_text_width(width)) is None:
+            raise BaseModelError(f"base model '{spec}': a UNet of text width {width} is no known architecture ({known}).")
+    elif path.is_file() and path.suffix.lower() in (".safetensors", ".ckpt"):
+        from .models.single_file import detect_arch, read_header
+        arch = detect_arch(path, read_header(path)[0])
+    else:
+        raise BaseModelError(f"base model '{spec}' is no known architecture ({known}), diffusers folder or .safetensors/"
+                             ".ckpt file; estimate never downloads, so for a hub id pass --base with its architecture.")
+    base = build_random(arch, meta=True)
+    [m.to("meta") for m in (base.unet, base.vae, base.text_encoder)]  # buffers too, which init_empty_weights leaves on the CPU
+    return base, arch.name
+
+
+_LOW = {F.linear, F.conv1d, F.conv2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
+        F.scaled_dot_product_attention, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.mm}
+_FP32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, F.mse_loss,
+         torch.pow, torch.Tensor.pow, torch.exp, torch.Tensor.exp}
+
+
+class _Autocast(TorchFunctionMode):
+    """CUDA autocast's policy where autocast cannot see (meta): matmuls in the compute dtype, norms/softmax/losses in
+    fp32, fp32 trained weights cast once per forward (autocast's weight cache); None: fp32. SDPA on meta runs as the
+    fused kernel (saving q, k, v, out, log-sum-exp as CUDA's flash kernel does), not the math path's score matrix."""
+
+    def __init__(self, dtype: torch.dtype | None):
+        super().__init__()
+        self.dtype, self.cache = dtype, {}
+
+    def _cast(self, x, dtype):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype in (dtype, torch.float64):
+            return x
+        if x.is_leaf and x.requires_grad and x.dtype == torch.float32:
+            return self.cache[id(x)] if id(x) in self.cache else self.cache.setdefault(id(x), x.to(dtype))
+        return x.to(dtype)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs, target = kwargs or {}, self.dtype if func in _LOW else torch.float32 if func in _FP32 else None
+        if self.dtype is not None and target is not None:
+            args, kwargs = [self._cast(a, target) for a in args], {k: self._cast(v, target) for k, v in kwargs.items()}
+        if func is F.scaled_dot_product_attention and args[0].device.type == "meta":
+            return self.fused_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def measure_activations(base, method, resolution: int, batch: int, dtype: torch.dtype, checkpointing: bool) -> dict:
+    """Bytes saved for backward in one step's forward + backward on the base's device (meta: no memory), of the autocast
+    weight copies and of the largest saved tensor. Checkpointed: the blocks' inputs + the largest block's saves."""
+    trains_te = "text_encoder" in method.trainable_modules
+    parts, device = [base.unet] + [base.text_encoder] * trains_te, base.unet.device
+    mode, outer, kept, recompute = _Autocast(None if dtype == torch.float32 else dtype), {}, {}, [[]]
+    storage_id = lambda t: t.untyped_storage()._cdata  # noqa: E731  (views share their storage)
+    own = {storage_id(t) for m in parts for t in (*m.parameters(), *m.buffers())}
+
+    def record(seen: dict, t: torch.Tensor) -> torch.Tensor:  # each storage once; holding t keeps its id unique
+        seen.setdefault(storage_id(t), (t.untyped_storage().nbytes(), t))
+        return t
+    def saving(seen: dict):
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: record(seen, t), lambda t: t)
+    def sizes(seen: dict, exclude) -> list[int]:
+        return [n for key, (n, _) in seen.items() if key not in exclude]
+
+    def checkpoint(fn, *args, **kwargs):
+        with saving(inner := {}):
+            fn(*args, **kwargs)  # what this block saves while it is recomputed in the backward pass
+        casts = {storage_id(c) for c in mode.cache.values()}
+        recompute[0] = max(recompute[0], sizes(inner, own | casts | kept.keys() | outer.keys()), key=sum)
+        [record(kept, a) for a in args if isinstance(a, torch.Tensor)]
+        def run(*a, **k):  # the backward pass recomputes outside the mode: enter it again
+            with nullcontext() if torch._C._is_torch_function_mode_enabled() else mode:
+                return fn(*a, **k)
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    if checkpointing:  # as the loop does it, then with our function in place of torch's (which it calls)
+        base.unet.enable_gradient_checkpointing()
+        if trains_te:
+            base.text_encoder.gradient_checkpointing_enable()
+        for m in (x for part in parts for x in part.modules() if getattr(x, "gradient_checkpointing", False)):
+            m._gradient_checkpointing_func = checkpoint
+    te, h, unet_dtype = base.text_encoder.config, resolution // 8, next(base.unet.parameters()).dtype
+    with mode, saving(outer):  # what noise_loss does, with zeros for data
+        [part.train() for part in parts]
+        latents = torch.zeros(batch, base.unet.config.in_channels, h, h, device=device)
+        ids = torch.zeros(batch, te.max_position_embeddings, dtype=torch.long, device=device)
+        hidden = base.text_encoder(ids)[0] if trains_te else torch.zeros(*ids.shape, te.hidden_size, device=device)
+        t = torch.zeros(batch, dtype=torch.long, device=device)
+        loss = F.mse_loss(base.unet(latents.to(unet_dtype), t, hidden.to(unet_dtype)).sample.float(), latents)
+    with saving(outer):
+        loss.backward()
+    casts = {storage_id(c): c.untyped_storage().nbytes() for c in mode.cache.values()}
+    saved = sizes(outer, own | casts.keys()) + sizes(kept, own | casts.keys() | outer.keys()) + recompute[0]
+    return {"activations": sum(saved), "autocast_copies": sum(casts.values()), "largest_saved": max(saved, default=0),
+            "device": device.type}
+
+
+def _optimizer_bytes(train, params: list, names: dict[int, str]) -> tuple[int, int]:
+    """(state, step temporaries). State is fp32 (trained fp32 weights, or the fused pass's fp32 stand-in of a bf16
+    weight). bitsandbytes: 32-bit under 4096 elements, else 8-bit plus two fp32 absmax per 256-element block.
+    prodigyopt: s, p0, exp_avg, exp_avg_sq; p0 is 0-dim for a weight all zeros at its first step (LoRA B, biases)."""
+    state, qmaps = 0, 0
+    for p in params:
+        n, name = p.numel(), names.get(id(p), "")
+        if train.optimizer == "adamw":
+            state += 8 * n
+        elif train.optimizer == "adamw8bit":
+            state, qmaps = state + (2 * n + 8 * math.ceil(n / 256) if n >= 4096 else 8 * n), qmaps + (n >= 4096)
+        else:
+            zero = ".lora_B." in name or ("processor.networks." in name and name.endswith("bias"))
+            state += 4 * (n * (2 + (train.adam_beta1 > 0)) + (1 if zero else n))
+    state += 2 * 256 * 4 * (qmaps if train.fused_backward else min(qmaps, 1))  # bnb's two fp32 quantization maps
+    if train.optimizer == "adamw" and not train.fused_backward:  # foreach AdamW: sqrt(exp_avg_sq) of every weight
+        return state, 4 * sum(p.numel() for p in params)
+    # bitsandbytes updates in place; the others per weight, with two fp32 temporaries of one tensor
+    return state, 0 if train.optimizer == "adamw8bit" else 8 * max(p.numel() for p in params)
+
+
+def estimate(recipe, base_spec: str | None = None, resolution: int | None = None, *, use_cache: bool = True) -> Estimate:
+    """Predicted peak GPU memory of training `recipe` on `base_spec` (default: the recipe's base)."""
+    from .models.base import load_base
+    from .trainers.data import cache_root
+    from .trainers.loop import cast_for_precision
+    from .trainers.registry import get_method
+    spec, res, t = base_spec or recipe.base.model, resolution or recipe.data.resolution, recipe.train
+    if res % 8 or res < 32:
+        raise RecipeError(f"resolution {res}: it must be a multiple of 8, at least 32.")
+    precision = {"auto": "bf16", "no": "fp32"}.get(t.mixed_precision, t.mixed_precision)
+    dtype, batch, bf16_weights = DTYPES[precision], t.batch_size * (2 if recipe.prior.enabled else 1), t.weights_dtype == "bf16"
+    base, arch_key = _meta_base(spec)
+    method = get_method(recipe.method)(recipe)
+    trained = list({id(p): p for g in method.prepare(base) for p in g["params"]}.values())
+    cast_for_precision(base, dtype, keep_trained=bf16_weights)
+    weights, labels, names, vae = {}, {}, {}, [] if recipe.data.cache_latents and recipe.data.crop == "center" else ["vae"]
+    for part in dict.fromkeys(["unet", *method.trainable_modules, *vae]):  # what the loop keeps on the GPU
+        params = dict(getattr(base, part).named_parameters())
+        names.update({id(p): name for name, p in params.items()})
+        weights[part] = sum(p.numel() * p.element_size() for p in params.values())
+        kinds = [(f"{'trained' if p.requires_grad else 'frozen'} {DTYPE_NAMES[p.dtype]}", p.numel()) for p in params.values()]
+        labels[part] = f"{sum(n for _, n in kinds):,} params: " + ", ".join(
+            f"{sum(n for k, n in kinds if k == kind):,} {kind}" for kind in dict.fromkeys(k for k, _ in kinds))
+    big = max(trained, key=lambda p: p.numel())  # fused: one gradient at a time (+ fp32 copies of it and its weight)
+    grads = big.numel() * (big.element_size() + 8 * bf16_weights) if t.fused_backward else \
+        sum(p.numel() * p.element_size() for p in trained)
+    optimizer, temporaries = _optimizer_bytes(t, trained, names)
+    notes, path = [], cache_root() / "estimate" / "activations.json"
+    sig = hashlib.sha1(str([(names.get(id(p)), tuple(p.shape), str(p.dtype)) for p in trained]).encode()).hexdigest()[:10]
+    key = f"v{MEASURE_VERSION}|{arch_key}|{res}px|batch {batch}|checkpointing {t.gradient_checkpointing}|{precision}|{method.name}:{sig}"
+    cache = json.loads(path.read_text()) if use_cache and path.is_file() else {}
+    if not (hit := key in cache):
+        try:
+            cache[key] = measure_activations(base, method, res, batch, dtype, t.gradient_checkpointing)
+        except (NotImplementedError, RuntimeError) as exc:  # an op without a meta kernel: a real CPU run
+            notes.append(f"the meta run failed ({type(exc).__name__}: {str(exc)[:100]}); activations were measured "
+                         "in a real CPU run instead (slow; CPU kernels may save a little differently)")
+            method.prepare(real := load_base(spec))
+            cast_for_precision(real, dtype, keep_trained=bf16_weights)
+            cache[key] = measure_activations(real, method, res, batch, dtype, t.gradient_checkpointing)
+        if use_cache:  # written whole, then renamed: a concurrent estimate never reads half a file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(json.dumps(cache, indent=1, sort_keys=True))
+            path.with_suffix(".tmp").replace(path)
+    notes.insert(0, f"activations: {'a cached measurement' if hit else 'measured now'} on {cache[key]['device']} ({path})")
+    notes += ["mixed_precision 'auto' taken as bf16 (fp16 GPUs need the same memory)"] * (t.mixed_precision == "auto") + [
+        "not counted: VAE encoding when latents are not cached; validation samples (between steps, no activations)"]
+    te, h, measured = base.text_encoder.config, res // 8, cache[key]
+    return Estimate(
+        f"{recipe.name} on {spec}, {res} px, {batch} example(s) per step, {precision} compute, "
+        f"{sum(p.numel() for p in trained):,} trained parameters", t.fused_backward, weights, labels, grads, optimizer,
+        ema=sum(p.numel() * p.element_size() for p in trained) if t.ema and not t.ema_on_cpu else 0,
+        autocast_copies=measured["autocast_copies"], activations=measured["activations"],
+        backward_transient=2 * measured["largest_saved"], step_temporaries=temporaries,
+        other=batch * 4 * (2 * 4 * h * h + te.max_position_embeddings * te.hidden_size),  # latents, noise, text states
+        notes=notes, hints=_hints(recipe))
+
+
+def run_estimate(recipe_name_or_path: str, base: str | None, resolution: int | None, vram: float | None, overrides: list[str]) -> str:
+    from .recipes import resolve_recipe  # what `dreamloom estimate` prints
+
+    return estimate(resolve_recipe(recipe_name_or_path, overrides), base, resolution).format(vram)
