@@ -79,10 +79,11 @@ def kohya_metadata(run, base, recipe, blob_hash: str) -> dict[str, str]:
     }
 
 
-def write_kohya_lora(run, base, recipe, parts, overwrite=False) -> Path:
-    path = run.exports / f"{recipe.output_name}.safetensors"
+def write_kohya_lora(run, base, recipe, parts, overwrite=False, name=None, extra=None) -> Path:
+    """`extra` tensors ride along under their own keys (a pivotal run's bundled embedding)."""
+    path = run.exports / f"{name or recipe.output_name}.safetensors"
     refuse_overwrite(path, overwrite)
-    tensors = cast(to_kohya(parts, recipe.lora.alpha), recipe.export.dtype)
+    tensors = cast({**to_kohya(parts, recipe.lora.alpha), **(extra or {})}, recipe.export.dtype)
     metadata = kohya_metadata(run, base, recipe, tensor_data_sha256(save(tensors)))
     return write_safetensors(path, tensors, metadata, overwrite=overwrite)
 

@@ -110,6 +110,24 @@ class HypernetworkSection(Section):
     allow_unportable: bool = Field(False, description="allow an activation ComfyUI cannot load (A1111 only)")
 
 
+class TextualInversionSection(Section):
+    """New token(s) for data.trigger whose embedding vectors are the only weights that train."""
+
+    vectors: int = Field(1, ge=1, le=16, description="vectors (tokens) the trigger stands for: <trigger>, "
+                         "<trigger>_1, ...; more vectors hold more detail and need more steps")
+    init_word: str = Field("*", min_length=1, description="the vectors start from this word's embedding; a word "
+                           "of several tokens is laid across the vectors as A1111 does (vector i starts from "
+                           "token i*k//n of its k tokens): vectors = k starts from exactly the whole word")
+    template: Literal["object", "style", "caption"] = Field(
+        "object", description="object | style: each image's prompt is a template ('a photo of a {trigger}', "
+        "'a painting in the style of {trigger}', ...); caption: the dataset's captions (.txt or "
+        "data.caption_template), which must name the trigger")
+    learning_rate: float | None = Field(None, gt=0, description="the embedding's learning rate; "
+                                        "empty: train.learning_rate")
+    allow_known_trigger: bool = Field(False, description="train a trigger the tokenizer already knows as one token "
+                                      "(its old meaning is lost in prompts); warned instead of refused")
+
+
 class SampleSection(Section):
     prompts: list[str] = Field(default_factory=lambda: ["a photo of {trigger} {class_word}"])
     negative_prompt: str = ""
@@ -126,20 +144,27 @@ class ExportSection(Section):
 
 
 # Which sections and export formats each method has; the first formats entry is the main export.
-METHOD_SECTIONS = {"lora": ("lora",), "dreambooth": ("dreambooth",), "hypernetwork": ("hypernetwork",)}
+METHOD_SECTIONS = {"lora": ("lora",), "dreambooth": ("dreambooth",), "hypernetwork": ("hypernetwork",),
+                   "textual_inversion": ("textual_inversion",), "pivotal": ("lora", "textual_inversion")}
 METHOD_FORMATS = {
     "lora": ("kohya", "diffusers"),
     "dreambooth": ("single_file", "diffusers"),
     "hypernetwork": ("pt", "safetensors"),
+    # Embeddings are named <trigger>.*: a1111 = <trigger>.safetensors (emb_params), a1111_pt = <trigger>.pt,
+    # diffusers = diffusers/learned_embeds.safetensors. pivotal: bundle = the kohya LoRA with the embedding
+    # inside (bundle_emb.*), kohya / diffusers_lora = the LoRA alone.
+    "textual_inversion": ("a1111", "a1111_pt", "diffusers"),
+    "pivotal": ("bundle", "kohya", "diffusers_lora", "a1111", "a1111_pt", "diffusers"),
 }
-SECTION_TYPES = {"lora": LoraSection, "dreambooth": DreamboothSection, "hypernetwork": HypernetworkSection}
+SECTION_TYPES = {"lora": LoraSection, "dreambooth": DreamboothSection, "hypernetwork": HypernetworkSection,
+                 "textual_inversion": TextualInversionSection}
 
 
 class Recipe(Section):
     schema_version: int = SCHEMA_VERSION
     name: str = Field("custom", min_length=1)
     description: str = ""
-    method: Literal["lora", "dreambooth", "hypernetwork"] = "lora"
+    method: Literal["lora", "dreambooth", "hypernetwork", "textual_inversion", "pivotal"] = "lora"
     base: BaseSection = Field(default_factory=BaseSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -147,6 +172,7 @@ class Recipe(Section):
     lora: LoraSection | None = None
     dreambooth: DreamboothSection | None = None
     hypernetwork: HypernetworkSection | None = None
+    textual_inversion: TextualInversionSection | None = None
     sample: SampleSection = Field(default_factory=SampleSection)
     export: ExportSection = Field(default_factory=ExportSection)
 

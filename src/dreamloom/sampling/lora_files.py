@@ -35,7 +35,7 @@ def read_lora(path: Path) -> tuple[str, dict[str, tuple[int, ...]], dict[str, st
             metadata = f.metadata() or {}
     except Exception as exc:
         raise AdapterError(f"LoRA file '{path}' cannot be read as safetensors: {exc}") from exc
-    keys = list(shapes)
+    keys = [k for k in shapes if not k.startswith("bundle_emb.")]  # a pivotal file's embedding rides along
     if keys and all(k.startswith(tuple(KOHYA_PREFIX.values()) + ("lora_te1_", "lora_te2_")) for k in keys):
         return "kohya", shapes, metadata
     if keys and all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in keys):

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .embeddings import load_embedding, read_bundle
 from .lora_files import check_lora_fits, resolve_lora_path
 
 
 def attach_loras(pipe, base, loras: list[tuple[str | Path, float]]) -> None:
-    """Load each LoRA (kohya or diffusers format) into the pipeline at its strength."""
+    """Load each LoRA (kohya or diffusers format) into the pipeline at its strength, and the
+    embeddings a pivotal LoRA file bundles (`bundle_emb.*`) at full strength, as A1111 does."""
     names, scales = [], []
     for i, (spec, scale) in enumerate(loras):
         path = resolve_lora_path(spec)
         check_lora_fits(path, base)
         name = f"lora{i}"
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        lora, bundled = read_bundle(path)
+        if lora is None:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+        else:  # diffusers does not know the bundle keys: hand it the LoRA alone
+            pipe.load_lora_weights(lora, adapter_name=name)
+        for word, vectors in bundled.items():
+            load_embedding(pipe, base, word, vectors, f"{path} (bundled)")
         names.append(name)
         scales.append(scale)
     if names:

@@ -7,8 +7,11 @@ from .dreambooth import DreamboothMethod
 from .hypernetwork import HypernetworkMethod
 from .lora import LoraMethod
 from .method import Method
+from .pivotal import PivotalMethod
+from .textual_inversion import TextualInversionMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraMethod, DreamboothMethod, HypernetworkMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraMethod, DreamboothMethod, HypernetworkMethod,
+                                                         TextualInversionMethod, PivotalMethod)}
 
 
 def get_method(name: str) -> type[Method]:

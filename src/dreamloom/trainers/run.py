@@ -8,6 +8,7 @@ from pathlib import Path
 from ..errors import DreamloomError, RecipeError
 from ..jobs import RunDir
 from ..models import check_base_spec, load_base
+from ..recipes.schema import METHOD_FORMATS
 from .checkpoint import load_trainable
 from .loop import dataset_items, train
 from .prior import user_class_items
@@ -54,6 +55,10 @@ def export_run(path: str | Path, formats: list[str] | None = None, overwrite: bo
     if latest is None:
         raise DreamloomError(f"run '{run.path}' has no checkpoint yet; nothing to export.")
     recipe = run.recipe()
+    allowed = METHOD_FORMATS[recipe.method]
+    unknown = [f for f in formats or [] if f not in allowed]
+    if unknown:
+        raise DreamloomError(f"{recipe.method} runs export {', '.join(allowed)}; not {', '.join(unknown)}.")
     base = load_base(recipe.base.model)
     method = get_method(recipe.method)(recipe)
     method.prepare(base)

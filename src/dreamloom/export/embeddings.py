@@ -1,0 +1,145 @@
+"""Textual-inversion embeddings: the files A1111/Forge, ComfyUI, InvokeAI and diffusers load, and a
+reader for all of them (the sampler's side). See shared FORMATS.md.
+
+- A1111 `.safetensors`: exactly one tensor, `emb_params` [n, dim]; any other tensor breaks A1111.
+- A1111 `.pt`: a plain dict (`string_to_param`, `string_to_token`, `name`, `step`, ...) of tensors and
+  primitives only, so it loads with `torch.load(weights_only=True)`.
+- diffusers: `learned_embeds.safetensors` = {placeholder token: [n, dim]}.
+- pivotal bundle: inside a kohya LoRA file, `bundle_emb.<trigger>.string_to_param.*` [n, dim].
+Other UIs take the prompt word from the file name, so every embedding file is named after the trigger.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .. import __version__
+from ..errors import AdapterError
+from .files import cast, refuse_overwrite, write_safetensors
+
+A1111_KEY = "emb_params"
+A1111_STAR_TOKEN = 265  # A1111 writes CLIP's id of "*" into every file; nothing reads it back
+DIFFUSERS_DIR = "diffusers"
+DIFFUSERS_FILE = "learned_embeds.safetensors"
+BUNDLE_PREFIX = "bundle_emb."
+BUNDLE_SUFFIX = ".string_to_param.*"
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+def embedding_info(run, base, recipe) -> dict:
+    """What A1111's `.pt` records besides the vectors."""
+    steps = run.checkpoint_steps()
+    return {"name": recipe.data.trigger, "step": steps[-1] if steps else recipe.train.steps,
+            "sd_checkpoint": None, "sd_checkpoint_name": recipe.base.model}
+
+
+def _metadata(info: dict, base) -> dict[str, str]:
+    return {"name": info["name"], "step": info["step"], "sd_checkpoint_name": info["sd_checkpoint_name"] or "",
+            "dreamloom.version": __version__, "dreamloom.arch": base.arch.name}
+
+
+def save_a1111_safetensors(path: Path, vectors: torch.Tensor, info: dict, base, dtype: str = "fp32",
+                           overwrite: bool = False) -> Path:
+    return write_safetensors(path, cast({A1111_KEY: vectors}, dtype), _metadata(info, base), overwrite=overwrite)
+
+
+def save_a1111_pt(path: Path, vectors: torch.Tensor, info: dict, dtype: str = "fp32", overwrite: bool = False) -> Path:
+    refuse_overwrite(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"string_to_token": {"*": A1111_STAR_TOKEN}, "string_to_param": cast({"*": vectors}, dtype),
+            "name": info["name"], "step": int(info["step"]), "sd_checkpoint": info["sd_checkpoint"],
+            "sd_checkpoint_name": info["sd_checkpoint_name"]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_diffusers_embedding(path: Path, token: str, vectors: torch.Tensor, info: dict, base, dtype: str = "fp32",
+                             overwrite: bool = False) -> Path:
+    return write_safetensors(path, cast({token: vectors}, dtype), _metadata(info, base), overwrite=overwrite)
+
+
+def bundle_tensors(trigger: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The embedding as A1111 (>= 1.7) and ComfyUI read it from inside a LoRA file."""
+    return {f"{BUNDLE_PREFIX}{trigger}{BUNDLE_SUFFIX}": vectors}
+
+
+def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(LoRA tensors, {trigger: vectors}) of a LoRA file that may carry bundled embeddings."""
+    lora, embeddings = {}, {}
+    for key, tensor in tensors.items():
+        if key.startswith(BUNDLE_PREFIX):
+            name, _, rest = key.removeprefix(BUNDLE_PREFIX).partition(".")
+            if rest in SDXL_KEYS:
+                raise AdapterError(f"bundled embedding '{name}' is for SDXL (key '{key}'); dreamloom samples "
+                                   "SD 1.x and 2.x models.")
+            embeddings[name] = tensor
+        else:
+            lora[key] = tensor
+    return lora, embeddings
+
+
+def export_embedding(run, base, recipe, vectors: torch.Tensor, formats: list[str],
+                     overwrite: bool = False) -> list[Path]:
+    """Write the embedding in each of `formats` (a1111, a1111_pt, diffusers) that is asked for."""
+    trigger, dtype, info = recipe.data.trigger, recipe.export.dtype, embedding_info(run, base, recipe)
+    written = []
+    if "a1111" in formats:
+        written.append(save_a1111_safetensors(run.exports / f"{trigger}.safetensors", vectors, info, base, dtype,
+                                              overwrite))
+    if "a1111_pt" in formats:
+        written.append(save_a1111_pt(run.exports / f"{trigger}.pt", vectors, info, dtype, overwrite))
+    if "diffusers" in formats:
+        written.append(save_diffusers_embedding(run.exports / DIFFUSERS_DIR / DIFFUSERS_FILE, trigger, vectors, info,
+                                                base, dtype, overwrite))
+    return written
+
+
+def _vectors_of(data, path: Path) -> tuple[str | None, torch.Tensor]:
+    """(token the file names itself, [n, dim]) from a loaded embedding file of any known layout."""
+    if isinstance(data, dict) and "string_to_param" in data:  # A1111 .pt
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise ValueError("its string_to_param does not hold exactly one tensor")
+        name = data.get("name")
+        return (name if isinstance(name, str) else None), next(iter(params.values()))
+    if isinstance(data, dict) and any(k in data for k in SDXL_KEYS):
+        raise AdapterError(f"embedding '{path}' is an SDXL embedding ({', '.join(SDXL_KEYS)}); dreamloom samples "
+                           "SD 1.x and 2.x models.")
+    if isinstance(data, dict) and len(data) == 1:  # A1111/kohya `emb_params`, or diffusers {token: T}
+        key, tensor = next(iter(data.items()))
+        return (None if key == A1111_KEY else key), tensor
+    raise ValueError(f"expected one tensor (emb_params or a token) or an A1111 dict; found keys "
+                     f"{list(data)[:5] if isinstance(data, dict) else type(data).__name__}")
+
+
+def read_embedding_file(path: str | Path) -> tuple[str, torch.Tensor]:
+    """(prompt word, vectors [n, dim]) of an embedding file. The word is the file name, as in A1111 and
+    ComfyUI, except for diffusers' fixed file name `learned_embeds.*`, whose token is stored inside."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / DIFFUSERS_FILE
+    if not path.is_file():
+        raise AdapterError(f"embedding file '{path}' does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            data = load_file(path)
+        else:  # .pt / .bin: never run code from a pickle
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        token, vectors = _vectors_of(data, path)
+    except AdapterError:
+        raise
+    except Exception as exc:
+        raise AdapterError(
+            f"'{path}' cannot be read as a textual-inversion embedding ({type(exc).__name__}: {exc}). dreamloom "
+            "reads A1111 .safetensors (emb_params) and .pt files and diffusers learned_embeds files.") from exc
+    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2):
+        raise AdapterError(f"embedding '{path}' holds no [vectors, width] tensor.")
+    vectors = vectors.reshape(-1, vectors.shape[-1]).float()
+    word = token if path.stem == "learned_embeds" and token else path.stem
+    return word, vectors
