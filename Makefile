@@ -15,11 +15,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job. Until the studio lands it is the headless demo on the built-in tiny base.
+# The main job: the studio on http://127.0.0.1:8501 (HOST=0.0.0.0 exposes it: see README).
+HOST ?= 127.0.0.1
+PORT ?= 8501
 run: install
-	$(VENV)/bin/dreamloom demo --out demo-out
+	$(VENV)/bin/dreamloom studio --host $(HOST) --port $(PORT)
 
-demo: run
+# The headless path end to end: generated images -> tiny LoRA -> exports -> sample grid.
+demo: install
+	$(VENV)/bin/dreamloom demo --out demo-out
 
 test: install
 	$(PY) -m pytest -q

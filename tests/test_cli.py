@@ -39,3 +39,13 @@ def test_recipes_list_and_show(capsys):
     for name in builtin_names():
         assert main(["recipes", "show", name]) == 0
         assert tomllib.loads(capsys.readouterr().out)["name"] == name
+
+
+def test_estimate_command(capsys):
+    assert main(["estimate", "sd15-dreambooth-12gb", "--base", "random:sd15", "--resolution", "512", "--vram", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "859,520,964" in out and "fits a 12 GiB card" in out
+    assert main(["estimate", "sd15-dreambooth-12gb", "--base", "random:sd15", "--vram", "6"]) == 0
+    assert "WARNING" in capsys.readouterr().out
+    assert main(["estimate", "tiny-lora", "--base", "random:sdxl"]) == 2
+    assert "unknown architecture 'random:sdxl'" in capsys.readouterr().err

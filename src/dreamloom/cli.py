@@ -14,7 +14,13 @@ STOPPED_EXIT_CODE = 3  # training stopped on request, with a checkpoint: the job
 
 
 SHORTCUTS = {"data": "data.path", "trigger": "data.trigger", "class_word": "data.class_word",
-             "base": "base.model", "steps": "train.steps"}
+             "base": "base.model", "steps": "train.steps", "init_word": "textual_inversion.init_word",
+             "vectors": "textual_inversion.vectors"}
+
+
+# Every method's export formats (recipes/schema.py METHOD_FORMATS), without importing pydantic here.
+EXPORT_FORMATS = ["kohya", "diffusers", "single_file", "pt", "safetensors", "a1111", "a1111_pt", "bundle",
+                  "diffusers_lora"]
 
 
 def _shortcut_values(args) -> dict:
@@ -41,6 +47,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from .models import load_base
     from .sampling import attach_loras, generate, make_grid, parse_weighted
+    from .sampling.embeddings import attach_embeddings
     from .sampling.hypernetwork import attach_hypernetworks
 
     out = Path(args.out)
@@ -50,6 +57,7 @@ def cmd_sample(args) -> int:
     pipe = base.pipeline()
     attach_loras(pipe, base, [parse_weighted(s) for s in args.lora])
     attach_hypernetworks(pipe, base, [parse_weighted(s) for s in args.hypernetwork])
+    attach_embeddings(pipe, base, args.embedding)
     images = generate(pipe, args.prompt, negative_prompt=args.negative, steps=args.steps,
                       guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.n)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +84,13 @@ def cmd_recipes(args) -> int:
         return 0
     for name in builtin_names():
         print(f"{name:24s} {resolve_recipe(name).description}")
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from .estimate import run_estimate
+
+    print(run_estimate(args.recipe, args.base, args.resolution, args.vram, args.set))
     return 0
 
 
@@ -129,6 +144,44 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_studio(args) -> int:
+    """One queue worker and the Streamlit server; the worker stops when the server does (its trainer
+    then checkpoints, and the job resumes when the studio is next started)."""
+    import signal
+    import subprocess
+
+    home = studio_home(args)
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, DREAMLOOM_HOME=str(home))
+    # Its own session: Ctrl-C reaches only the server, and the worker is stopped below, quietly.
+    worker = subprocess.Popen([sys.executable, "-m", "dreamloom", "jobs", "worker", "--home", str(home)], env=env,
+                              start_new_session=True)
+    app = Path(__file__).parent / "studio" / "app.py"
+    command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+               "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
+    print(f"dreamloom studio: http://{args.host}:{args.port}  (home: {home}; Ctrl-C stops it)", flush=True)
+    if args.host not in LOCAL_HOSTS:
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can upload files and "
+              "start jobs; there is no login.", file=sys.stderr, flush=True)
+    server = subprocess.Popen(command, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a kill runs the clean-up below too
+    try:
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the server too: let it finish stopping
+        return server.wait()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second kill must not cut the clean-up short
+        for proc in (worker, server):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in (worker, server):
+            proc.wait()
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -147,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-word", dest="class_word", help="what the subject is, e.g. dog (data.class_word)")
     p.add_argument("--base", help="base model: tiny, random:sd15, folder, .safetensors, hub id (base.model)")
     p.add_argument("--steps", type=int, help="training steps (train.steps)")
+    p.add_argument("--init-word", dest="init_word", help="embeddings start from this word (textual_inversion.init_word)")
+    p.add_argument("--vectors", type=int, help="embedding vectors, 1 to 16 (textual_inversion.vectors)")
     p.add_argument("--out", default="runs", help="folder that receives the run directory (default: runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key, e.g. lora.rank=16")
     p.add_argument("--resume", metavar="RUN", help="continue a crashed or killed run from its latest checkpoint")
@@ -157,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="LoRA file (kohya or diffusers), repeatable")
     p.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="hypernetwork .pt or .safetensors, repeatable (applied in order)")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="textual-inversion embedding (A1111 .safetensors/.pt, diffusers learned_embeds), repeatable; "
+                        "its file name is the prompt word")
     p.add_argument("--prompt", action="append", required=True, help="repeatable: one grid row per prompt")
     p.add_argument("--negative", default="")
     p.add_argument("--seed", type=int, default=0)
@@ -169,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run again from its latest checkpoint")
     p.add_argument("run")
-    p.add_argument("--format", action="append", choices=["kohya", "diffusers"])
+    p.add_argument("--format", action="append", choices=EXPORT_FORMATS, help="default: the recipe's export.formats")
     p.add_argument("--overwrite", action="store_true", help="replace existing export files")
     p.set_defaults(func=cmd_export)
 
@@ -177,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("estimate", help="predict a recipe's peak GPU memory, term by term")
+    p.add_argument("recipe", help="built-in recipe name or a .toml file")
+    p.add_argument("--base", help="tiny, random:sd15, random:sd21, or a local model (default: the recipe's)")
+    p.add_argument("--resolution", type=int, help="training resolution in px (default: the recipe's)")
+    p.add_argument("--vram", type=float, help="the card's memory in GiB: warn when the run will not fit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("jobs", help="the job queue the studio uses: submit, list, cancel, resume, logs, worker")
     p.add_argument("action", choices=["submit", "list", "cancel", "resume", "logs", "worker"])
@@ -194,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", help="worker: comma-separated GPU ids, one worker each (e.g. 0,1)")
     p.add_argument("--once", action="store_true", help="worker: stop when the queue is empty")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("studio", help="the web dashboard, with a worker that runs its jobs")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--home", help="studio home folder (default: $DREAMLOOM_HOME or ~/.dreamloom)")
+    p.set_defaults(func=cmd_studio)
 
     p = sub.add_parser("demo", help="train and sample the tiny LoRA recipe on generated images")
     p.add_argument("--out", default="demo-out")

@@ -1,0 +1,74 @@
+"""Library: every exported file with its format, size, base and trigger, to download; and a try-it
+panel that samples the base with an adapter beside the base alone."""
+
+from collections import defaultdict
+
+import pandas as pd
+import streamlit as st
+
+from dreamloom.errors import DreamloomError
+from dreamloom.models import load_base
+from dreamloom.studio import literal, studio_home
+from dreamloom.studio.library import download_bytes, human_size, scan_exports
+from dreamloom.studio.tryit import compare
+
+st.title("Library")
+exports = scan_exports(studio_home())
+if not exports:
+    st.info("Nothing exported yet: files appear here when a training job finishes.")
+    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.stop()
+
+st.dataframe(pd.DataFrame([{"file": e.path.name, "format": e.format, "loads in": e.loads_in,
+                            "size": human_size(e.size_bytes), "base": e.base, "trigger": e.trigger, "run": e.run}
+                           for e in exports]), hide_index=True, width="stretch")
+
+st.subheader("Download")
+by_run = defaultdict(list)
+for export in exports:
+    by_run[export.run].append(export)
+for i, (run, files) in enumerate(by_run.items()):
+    with st.expander(literal(f"{run} · {files[0].method} · trigger {files[0].trigger} · base {files[0].base}"),
+                     expanded=i == 0):
+        for export in files:
+            st.download_button(literal(f"{export.download_name} · {export.format} · {human_size(export.size_bytes)}"),
+                               data=lambda export=export: download_bytes(export), file_name=export.download_name,
+                               on_click="ignore", icon=":material/download:", key=f"download-{export.path}")
+
+
+@st.cache_resource(max_entries=2, show_spinner="Loading the base model (once)...")
+def shared_base(spec: str):
+    return load_base(spec)
+
+
+@st.fragment
+def try_it_panel(candidates) -> None:
+    """Its own fragment: generating redraws this panel only."""
+    st.subheader("Try it")
+    if not candidates:
+        st.caption("The try-it panel applies LoRA and hypernetwork files; none has been exported yet.")
+        return
+    labels = [f"{e.run} / {e.path.name} ({e.format})" for e in candidates]
+    export = candidates[labels.index(st.selectbox("Adapter", labels))]
+    prompt = st.text_input("Prompt", value=export.prompt, key=f"prompt-{export.path}")
+    left, middle, right = st.columns(3)
+    strength = left.slider("Strength", 0.0, 1.5, 1.0, 0.05, help="0: the base alone; 1: as trained.")
+    seed = middle.number_input("Seed", value=0, step=1, help="The same seed for both pictures.")
+    steps = right.slider("Sampling steps", 5, 50, 20)
+    if st.button("Generate", type="primary", icon=":material/auto_awesome:"):
+        try:
+            with st.spinner("Sampling..."):
+                images = compare(shared_base(export.base), export.path, export.try_it, strength, prompt,
+                                 int(seed), steps)
+        except DreamloomError as exc:
+            st.error(literal(str(exc)))
+        else:
+            st.session_state["try-it"] = (export.path.name, strength, images)
+    if "try-it" in st.session_state:
+        name, used, (alone, with_adapter) = st.session_state["try-it"]
+        left, right = st.columns(2)
+        left.image(alone, caption="the base alone", width=256)
+        right.image(with_adapter, caption=literal(f"with {name} at strength {used:g}"), width=256)
+
+
+try_it_panel([e for e in exports if e.try_it])

@@ -1,0 +1,130 @@
+"""The studio end to end in a real browser: Debian's Chromium, driven by Playwright, against
+`dreamloom studio` on localhost. A new user's first session: make a dataset, upload four pictures,
+set the trigger, train the tiny LoRA recipe, watch it finish with a sample picture, download the
+kohya file; the download then loads in dreamloom's sampler.
+
+Skipped only where no browser can be had (no Chromium, or no Playwright package)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dreamloom.demo import write_subject_images
+from dreamloom.models import load_base
+from dreamloom.sampling import attach_loras, generate
+from dreamloom.sampling.lora_files import read_lora
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if CHROMIUM is None:
+    pytest.skip("no Chromium to drive: `apt-get install chromium` (Debian) enables this test", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="the Playwright package is missing: `pip install playwright` enables this test")
+# Playwright's own browser downloads are not used: Debian's Chromium, with nothing it would fetch.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+SECOND = 1000  # Playwright counts in milliseconds
+TRIGGER = "zwx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+@pytest.fixture
+def studio(tmp_path, cli_env):
+    """`dreamloom studio` on a free port; stopped (with its worker) at the end."""
+    home, port = tmp_path / "home", free_port()
+    log = open(tmp_path / "studio.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "dreamloom", "studio", "--home", str(home), "--port", str(port)],
+                            env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError(f"the studio did not start:\n{(tmp_path / 'studio.log').read_text()}")
+            time.sleep(0.5)
+    yield url, home
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    log.close()
+    assert processes_mentioning(str(home)) == [], "the worker outlived the studio"
+
+
+def test_first_session_in_a_real_browser(studio, tmp_path):
+    url, home = studio
+    pictures = write_subject_images(tmp_path / "pictures")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            accept_downloads=True, viewport={"width": 1400, "height": 1000})
+        page = browser.new_page()
+        page.set_default_timeout(60 * SECOND)
+        try:
+            page.goto(url)
+            page.get_by_role("textbox", name="Name", exact=True).fill("stars")
+            page.get_by_role("textbox", name="Class word", exact=True).fill("star")
+            page.get_by_role("button", name="Create dataset").click()
+            page.get_by_text("Dataset 'stars' created").wait_for()
+
+            page.locator("input[type=file]").first.set_input_files([str(p) for p in pictures])
+            page.get_by_role("button", name="Add to dataset").click()
+            page.get_by_text("Added 4 picture(s)").wait_for()
+            page.get_by_role("textbox", name="Trigger word", exact=True).locator("visible=true").fill(TRIGGER)
+            page.get_by_role("button", name="Save words").click()
+            page.get_by_text("Saved.").wait_for()
+
+            page.get_by_role("link", name=re.compile("Train")).click()
+            steps = page.get_by_role("spinbutton", name="Training steps")
+            steps.fill("20")
+            steps.press("Enter")
+            page.get_by_role("button", name=re.compile(r"Train$")).click()
+            page.get_by_text("Job 1 is queued").wait_for()
+
+            page.get_by_role("link", name=re.compile("Follow it on the Jobs page")).click()
+            page.get_by_text("finished: 20 steps").wait_for(timeout=600 * SECOND)
+            sample = page.locator("[data-testid=stImage] img").first
+            sample.wait_for()
+            assert sample.evaluate("img => img.complete && img.naturalWidth") > 0
+
+            page.get_by_role("link", name=re.compile("Library")).first.click()
+            with page.expect_download() as download:
+                page.get_by_role("button", name=re.compile(rf"{TRIGGER}-lora\.safetensors · kohya")).click()
+            downloaded = tmp_path / "downloads" / download.value.suggested_filename
+            download.value.save_as(downloaded)
+        finally:
+            browser.close()
+
+    export = next((home / "runs").glob(f"*/exports/{TRIGGER}-lora.safetensors"))
+    assert downloaded.read_bytes() == export.read_bytes() and read_lora(downloaded)[0] == "kohya"
+    base = load_base("tiny")
+    pipe = base.pipeline()
+    attach_loras(pipe, base, [(downloaded, 1.0)])
+    assert generate(pipe, [f"a photo of {TRIGGER} star"], steps=2)[0].size == (64, 64)
