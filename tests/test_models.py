@@ -26,7 +26,7 @@ def test_tiny_is_deterministic_and_real_sd_shaped():
 
 
 def test_sd15_architecture_matches_the_real_model():
-    """Parameter counts of runwayml/stable-diffusion-v1-5, and its diffusers key names/shapes."""
+    """Parameter counts of the real SD 1.5, and its diffusers key names/shapes."""
     base = build_random(ARCHS["sd15"], meta=True)
     assert count(base.unet) == 859_520_964
     assert count(base.text_encoder) == 123_060_480

@@ -24,6 +24,8 @@ CASES = {
     # ReLU and Dropout shift A1111's layer numbering; the dropout's randomness must resume exactly too
     "hypernetwork-dropout": ("tiny-hypernetwork", COMMON + ["hypernetwork.layer_structure=[1,2,2,1]",
                                                             "hypernetwork.activation='relu'", "hypernetwork.dropout=true"]),
+    "textual-inversion": ("tiny-ti", COMMON),  # the object templates are drawn per step: they must resume too
+    "pivotal": ("tiny-pivotal", COMMON),
 }
 
 
