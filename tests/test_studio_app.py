@@ -341,3 +341,16 @@ def test_library_and_try_it_for_a_hypernetwork(tmp_path, subject_dir):
     assert base.unet.attn_processors == processors  # taken off again
     again, _ = compare(base, exports[0].path, "hypernetwork", 0.0, exports[0].prompt, seed=1, steps=4)
     assert alone.tobytes() == again.tobytes()
+
+
+def test_try_it_for_an_embedding(tmp_path, subject_dir):
+    train_tiny(tmp_path / "runs", subject_dir, sets=QUICK + ["train.steps=4"], recipe="tiny-ti")
+    exports = {e.format: e for e in scan_exports(tmp_path)}
+    assert exports["a1111"].try_it == exports["a1111_pt"].try_it == "embedding"
+    base = load_base("tiny")
+    words, rows = len(base.tokenizer), base.text_encoder.get_input_embeddings().weight.shape[0]
+    alone, with_word = compare(base, exports["a1111"].path, "embedding", 1.0, exports["a1111"].prompt, seed=1, steps=4)
+    assert len(base.tokenizer) == words  # the word came off again: the shared base is untouched
+    assert base.text_encoder.get_input_embeddings().weight.shape[0] == rows
+    again, _ = compare(base, exports["a1111_pt"].path, "embedding", 0.0, exports["a1111"].prompt, seed=1, steps=4)
+    assert alone.tobytes() == again.tobytes() and alone.tobytes() != with_word.tobytes()

@@ -27,7 +27,8 @@ FORMATS = {
 }
 # What the try-it panel can put on the base, by (method, format)
 TRY_IT = {("lora", "kohya"): "lora", ("lora", "diffusers"): "lora",
-          ("hypernetwork", "pt"): "hypernetwork", ("hypernetwork", "safetensors"): "hypernetwork"}
+          ("hypernetwork", "pt"): "hypernetwork", ("hypernetwork", "safetensors"): "hypernetwork",
+          ("textual_inversion", "a1111"): "embedding", ("textual_inversion", "a1111_pt"): "embedding"}
 
 
 @dataclass(frozen=True)

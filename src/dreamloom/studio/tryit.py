@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..sampling import attach_loras, generate
+from ..sampling.embeddings import attach_embeddings
 from ..sampling.hypernetwork import attach_hypernetworks
 
 # One sampling at a time on the shared base: two visitors must not see each other's adapters.
@@ -33,6 +34,14 @@ def adapter_on(pipe, base, path: Path, kind: str, strength: float):
             yield
         finally:
             pipe.unet.set_attn_processor(processors)
+    elif kind == "embedding":  # a new word has no strength: any strength above 0 turns it on
+        if strength > 0:
+            attach_embeddings(pipe, base, [path])
+        try:
+            yield
+        finally:
+            if strength > 0:
+                pipe.unload_textual_inversion()
     else:
         raise ValueError(f"the try-it panel cannot apply a {kind!r} adapter")
 
