@@ -63,6 +63,9 @@ def test_export_files(piv_run):
     assert torch.equal(load_file(exports[3])["emb_params"], vectors)
     with safe_open(exports[0], "pt") as f:
         assert f.metadata()["modelspec.trigger_phrase"] == "sks"
+    for path in exports[:2]:  # each file names itself in the UIs' lists
+        with safe_open(path, "pt") as f:
+            assert f.metadata()["ss_output_name"] == f.metadata()["modelspec.title"] == path.stem
 
 
 def test_bundled_and_separate_files_give_the_trained_image(piv_run):

@@ -81,10 +81,12 @@ def kohya_metadata(run, base, recipe, blob_hash: str) -> dict[str, str]:
 
 def write_kohya_lora(run, base, recipe, parts, overwrite=False, name=None, extra=None) -> Path:
     """`extra` tensors ride along under their own keys (a pivotal run's bundled embedding)."""
-    path = run.exports / f"{name or recipe.output_name}.safetensors"
+    name = name or recipe.output_name
+    path = run.exports / f"{name}.safetensors"
     refuse_overwrite(path, overwrite)
     tensors = cast({**to_kohya(parts, recipe.lora.alpha), **(extra or {})}, recipe.export.dtype)
     metadata = kohya_metadata(run, base, recipe, tensor_data_sha256(save(tensors)))
+    metadata["ss_output_name"] = metadata["modelspec.title"] = name  # what UIs show: the file's own name
     return write_safetensors(path, tensors, metadata, overwrite=overwrite)
 
 
