@@ -13,14 +13,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from dreamloom.cli import EXPORT_FORMATS, main
+from dreamloom.cli import main
 from dreamloom.errors import AdapterError, RecipeError
 from dreamloom.export.embeddings import save_a1111_pt, save_a1111_safetensors, save_diffusers_embedding
 from dreamloom.models import ARCHS, build_random, load_base
 from dreamloom.models.base import text_encoder_config
 from dreamloom.models.tokenizer import build_tokenizer
 from dreamloom.recipes import resolve_recipe
-from dreamloom.recipes.schema import METHOD_FORMATS
 from dreamloom.sampling.embeddings import attach_embeddings
 from dreamloom.trainers.textual_inversion import TextualInversionMethod, TriggerEmbedding, init_vectors
 from helpers import image, train_tiny
@@ -134,6 +133,8 @@ def test_reexport_through_the_cli(ti_run, capsys):
     assert main(["export", str(run.path), "--format", "a1111", "--overwrite"]) == 0
     assert capsys.readouterr().out.strip() == f"export: {exports[0]}"
     assert torch.equal(load_file(exports[0])["emb_params"], before["emb_params"])
+    assert main(["export", str(run.path), "--format", "kohya"]) == 2  # another method's format
+    assert "textual_inversion runs export a1111, a1111_pt, diffusers; not kohya" in capsys.readouterr().err
 
 
 def test_cli_shortcuts_set_the_embedding_keys(tmp_path, subject_dir, capsys):
@@ -251,7 +252,3 @@ def test_sampler_refuses_files_it_cannot_use(tmp_path):
 
 class NotATensor:
     """A pickled object that `torch.load(weights_only=True)` must refuse to build."""
-
-
-def test_the_cli_offers_every_export_format():
-    assert {f for formats in METHOD_FORMATS.values() for f in formats} == set(EXPORT_FORMATS)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dreamloom.jobs import RunDir
 from dreamloom.trainers.lora import LoraMethod
-from dreamloom.trainers.run import resume_run
+from dreamloom.trainers.__main__ import main as trainers_main
 from helpers import train_tiny
 
 SHORT = ["train.steps=4", "train.checkpoint_every=0", "train.sample_every=0", "sample.images_per_prompt=1",
@@ -75,5 +75,6 @@ def test_a_crash_is_logged_and_the_run_stays_resumable(tmp_path, subject_dir, mo
     assert error["event"] == "error" and "simulated CUDA error" in error["message"]
     assert run.checkpoint_steps() == [5]
     monkeypatch.setattr(LoraMethod, "loss", real_loss)
-    resume_run(run_dir)
+    assert trainers_main([str(run_dir)]) == 0  # `python -m dreamloom.trainers RUN` continues it
     assert run.events()[-1]["event"] == "end"
+    assert trainers_main([str(run_dir)]) == 2  # a finished run is not trained again

@@ -10,17 +10,10 @@ from pathlib import Path
 
 from .errors import DreamloomError, TrainingStopped
 
-STOPPED_EXIT_CODE = 3  # training stopped on request, with a checkpoint: the job queue's "cancelled"
-
 
 SHORTCUTS = {"data": "data.path", "trigger": "data.trigger", "class_word": "data.class_word",
              "base": "base.model", "steps": "train.steps", "init_word": "textual_inversion.init_word",
              "vectors": "textual_inversion.vectors"}
-
-
-# Every method's export formats (recipes/schema.py METHOD_FORMATS), without importing pydantic here.
-EXPORT_FORMATS = ["kohya", "diffusers", "single_file", "pt", "safetensors", "a1111", "a1111_pt", "bundle",
-                  "diffusers_lora"]
 
 
 def _shortcut_values(args) -> dict:
@@ -227,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run again from its latest checkpoint")
     p.add_argument("run")
-    p.add_argument("--format", action="append", choices=EXPORT_FORMATS, help="default: the recipe's export.formats")
+    p.add_argument("--format", action="append", help="one of the run's method's formats (default: the recipe's export.formats)")
     p.add_argument("--overwrite", action="store_true", help="replace existing export files")
     p.set_defaults(func=cmd_export)
 
@@ -290,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except TrainingStopped as exc:
         print(str(exc), file=sys.stderr)
-        return STOPPED_EXIT_CODE
+        return TrainingStopped.exit_code
     except DreamloomError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,3 +23,5 @@ class AdapterError(DreamloomError):
 
 class TrainingStopped(DreamloomError):
     """Training was asked to stop (SIGTERM, a cancel from the queue) and checkpointed first."""
+
+    exit_code = 3  # what the trainer process exits with: the job queue reads it as "cancelled"

@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import TrainingStopped
 from ..jobs import RunDir
 from .queue import Job, JobQueue
 
 RUN_DIR_LINE = "run directory: "
-STOPPED_EXIT_CODE = 3  # cli.STOPPED_EXIT_CODE; not imported, so the worker stays light
 
 
 def _die_with_parent() -> None:
@@ -67,7 +67,7 @@ def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5) ->
             asked_to_stop = True
     if proc.returncode == 0:
         state, error = "finished", None
-    elif asked_to_stop and proc.returncode == STOPPED_EXIT_CODE:
+    elif asked_to_stop and proc.returncode == TrainingStopped.exit_code:
         state, error = "cancelled", None
     else:
         tail = log.read_text().strip().splitlines()[-3:]
