@@ -182,6 +182,66 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_toy(args) -> int:
+    if args.action in ("data", "pretrain") and not args.out:
+        raise DreamloomError(f"`dreamloom toy {args.action}` needs --out FOLDER.")
+    if args.action == "data":
+        from .toy.world import write_subject_folder
+
+        paths = write_subject_folder(Path(args.out), args.shape, args.count, args.seed, args.colour)
+        print(f"wrote {len(paths)} pictures of a {args.colour} {args.shape} (with .txt captions) to {args.out}")
+        return 0
+    from .toy.evaluate import BAR, Settings, base_bar
+
+    if args.action == "pretrain":
+        from .toy.pretrain import pretrain
+
+        path = pretrain(Path(args.out), images=args.images, vae_steps=args.vae_steps, steps=args.steps,
+                        overrides=args.set, seed=args.seed)
+        print(f"toy base: {path} (diffusers folder: {Path(args.out) / 'base'})")
+        spec = str(Path(args.out) / "base")
+    else:
+        spec = args.base
+    from .models import load_base
+
+    scores = base_bar(load_base(spec), n=args.samples, settings=Settings(steps=25, guidance=3.0))
+    verdict = all(scores[k] >= v for k, v in BAR.items())
+    print(" ".join(f"{k} {scores[k]:.1f}% (bar {BAR[k]:.0f}%)" for k in BAR) + f" all {scores['all']:.1f}%")
+    print("the base meets its bar" if verdict else "the base does NOT meet its bar")
+    return 0 if verdict else 1
+
+
+def cmd_eval(args) -> int:
+    from .toy.evaluate import Settings, evaluate_run, table
+
+    settings = Settings(samples=args.samples, steps=args.steps, guidance=args.guidance)
+    if args.methods:
+        from .toy.benchmark import parse_methods, parse_subjects, run_benchmark
+
+        path = run_benchmark(parse_methods(args.methods), parse_subjects(args.subjects), Path(args.out), settings)
+        print(path.read_text())
+        print(f"wrote {path}")
+        return 0
+    if not args.runs:
+        raise DreamloomError("`dreamloom eval RUN...` evaluates runs; `dreamloom eval --methods all` trains and "
+                             "evaluates every method on the toy base.")
+    if args.clip:
+        from .clip_metrics import evaluate_real_run
+
+        for run in args.runs:
+            scores = evaluate_real_run(run, args.clip, args.dino)
+            print(f"{run}: " + "  ".join(f"{k.upper().replace('_', '-')} {v:.3f}" for k, v in scores.items()))
+        return 0
+    if args.dino:
+        raise DreamloomError("--dino goes with --clip (the DINO score is computed beside CLIP-T / CLIP-I).")
+    for run in args.runs:
+        report = evaluate_run(run, settings)
+        print(f"{run} ({report['method']}; subject: {report['subject']['colour']} {report['subject']['shape']})")
+        print(table({"untouched base": report["base_metrics"], report["method"]: report["metrics"]}))
+        print(f"wrote {Path(run) / 'eval'} (quality.md, metrics.json, samples.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamloom", description="Personalization fine-tuning for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +319,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--home", help="studio home folder (default: $DREAMLOOM_HOME or ~/.dreamloom)")
     p.set_defaults(func=cmd_studio)
+
+    p = sub.add_parser("toy", help="the toy world: subject pictures, pretraining of the toy base, its bar")
+    p.add_argument("action", choices=["data", "pretrain", "check"])
+    p.add_argument("--out", help="data: folder for the pictures; pretrain: folder for the new base")
+    p.add_argument("--shape", default="heart", help="data: the subject shape (heart, diamond, crescent, ...)")
+    p.add_argument("--colour", default="orange", help="data: its colour")
+    p.add_argument("--count", type=int, default=4, help="data: how many pictures")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=int, default=16000, help="pretrain: pictures in the pretraining set")
+    p.add_argument("--vae-steps", dest="vae_steps", type=int, default=1200, help="pretrain: VAE training steps")
+    p.add_argument("--steps", type=int, help="pretrain: UNet steps (default: the toy-pretrain recipe's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pretrain: override a toy-pretrain key")
+    p.add_argument("--base", default="toy", help="check: the base to check (default: the shipped toy base)")
+    p.add_argument("--samples", type=int, default=128, help="pretrain/check: pictures judged for the bar")
+    p.set_defaults(func=cmd_toy)
+
+    p = sub.add_parser("eval", help="quality of runs on the toy base, or of every method (QUALITY.md)")
+    p.add_argument("runs", nargs="*", help="run directories to evaluate")
+    p.add_argument("--methods", help="all, or a comma list: train each toy recipe and evaluate it")
+    p.add_argument("--subjects", default="heart,crescent", help="--methods: subject shapes (default: heart,crescent)")
+    p.add_argument("--out", default="quality-out", help="--methods: folder for runs and QUALITY.md")
+    p.add_argument("--samples", type=int, default=64, help="pictures per metric (at least 64 for +-6 points)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--clip", help="runs on real bases: a CLIP model (local folder or cached hub id) for CLIP-T / CLIP-I")
+    p.add_argument("--dino", help="with --clip: a DINO ViT (local folder or cached hub id) for the DINO score")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="train and sample the tiny LoRA recipe on generated images")
     p.add_argument("--out", default="demo-out")

@@ -107,8 +107,8 @@ def _meta_base(spec: str):
     from .models.base import build_random
     from .models.configs import ARCHS, arch_for_text_width
 
-    known, path = ", ".join(["tiny"] + [f"random:{n}" for n in ARCHS if n != "tiny"]), Path(spec).expanduser()
-    if spec == "tiny" or spec.startswith("random:"):
+    known, path = ", ".join(["tiny", "toy"] + [f"random:{n}" for n in ARCHS if n != "tiny"]), Path(spec).expanduser()
+    if spec in ("tiny", "toy") or spec.startswith("random:"):
         if spec.removeprefix("random:") not in ARCHS or spec == "random:tiny":
             raise BaseModelError(f"unknown architecture '{spec}'; estimate knows {known} (or a local SD 1.x/2.x model).")
         arch = ARCHS[spec.removeprefix("random:")]

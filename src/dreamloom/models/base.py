@@ -1,6 +1,6 @@
 """Base models: what every method trains on top of, from whichever source the user names.
 
-A spec is one of: `tiny`, `random:<arch>` (full-size architecture, random weights), a local
+A spec is one of: `tiny`, `toy` (the pretrained toy-world base), `random:<arch>` (full-size architecture, random weights), a local
 diffusers folder, a local single-file checkpoint (`.safetensors`, `.ckpt`), or a hub id.
 Loading never makes a silent network call that can hang a run: a hub id that cannot be
 reached ends in an error telling the user to pass a local folder or file.
@@ -95,7 +95,7 @@ def build_random(arch: Arch, seed: int = 0, meta: bool = False) -> Base:
             unet, vae, text_encoder = build()
     for module in (unet, vae, text_encoder):
         module.eval()
-    spec = arch.name if arch.name == "tiny" else f"random:{arch.name}"
+    spec = arch.name if arch.name == "tiny" else f"random:{arch.name}"  # "toy" names the pretrained weights
     return Base(spec, arch, unet, vae, text_encoder, build_tokenizer(),
                 dict(SD_SCHEDULER, prediction_type=arch.prediction_type))
 
@@ -144,6 +144,10 @@ def load_base(spec: str) -> Base:
     """Load the base model a recipe names. Raises BaseModelError with the fix on failure."""
     if spec == "tiny":
         return build_random(ARCHS["tiny"])
+    if spec == "toy":
+        from ..toy.base import load_toy_base
+
+        return load_toy_base()
     if spec.startswith("random:"):
         name = spec.split(":", 1)[1]
         if name not in ARCHS or name == "tiny":
@@ -171,7 +175,7 @@ def load_base(spec: str) -> Base:
 
 def check_base_spec(spec: str) -> None:
     """Cheap check of a spec before any heavy work: local paths must exist."""
-    if spec == "tiny" or spec.startswith("random:") or Path(spec).expanduser().exists():
+    if spec in ("tiny", "toy") or spec.startswith("random:") or Path(spec).expanduser().exists():
         return
     if HUB_ID.match(spec) and not spec.startswith((".", "~")):
         return

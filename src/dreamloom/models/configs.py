@@ -148,7 +148,47 @@ TINY = Arch(
     ),
 )
 
-ARCHS = {a.name: a for a in (TINY, SD15, SD21)}
+TOY = Arch(  # the toy world's base (dreamloom.toy): SD 1.x at 64 px, pretrained weights ship as package data
+    name="toy",
+    family="toy",
+    resolution=64,
+    prediction_type="epsilon",
+    unet=dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    vae=dict(  # 8x down to 4x8x8 latents, like SD's
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=64,
+    ),
+    text_encoder=dict(
+        vocab_size=None,  # the built-in tokenizer, in which every toy-world word is one token
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=64,
+    ),
+)
+
+ARCHS = {a.name: a for a in (TINY, TOY, SD15, SD21)}
 
 
 def arch_for_text_width(width: int) -> Arch | None:

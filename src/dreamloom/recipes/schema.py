@@ -32,6 +32,8 @@ class DataSection(Section):
     repeats: int = Field(1, ge=1, le=1000)
     min_image_size: int = Field(64, ge=1, description="images smaller than this (shorter side, px) are refused")
     cache_latents: bool = Field(True, description="encode each image once; the VAE leaves memory while training")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="share of examples trained with an empty caption "
+                                   "(what classifier-free guidance needs when pretraining)")
 
 
 class TrainSection(Section):

@@ -28,6 +28,7 @@ class TrainingData:
         self.seed = recipe.train.seed if seed is None else seed
         data = recipe.data
         self.size = len(items) * (data.repeats if repeats is None else repeats)
+        self._epoch_order: tuple[int | None, torch.Tensor | None] = (None, None)
         captions = [item.caption for item in items]
         self.input_ids = base.tokenizer(
             captions, padding="max_length", truncation=True,
@@ -41,9 +42,14 @@ class TrainingData:
             for i, item in enumerate(items):
                 for flip in (False, True) if data.flip else (False,):
                     self.moments[i, flip] = cache.moments(item, data.resolution, flip, base.vae)
-        self.hidden_states = None
+        self.empty_ids = base.tokenizer(
+            "", padding="max_length", max_length=base.tokenizer.model_max_length, return_tensors="pt").input_ids[0]
+        self.hidden_states = self.empty_hidden = None
         if not any(p.requires_grad for p in base.text_encoder.parameters()):
             self.hidden_states = self._encode_captions()
+            te = base.text_encoder
+            with torch.no_grad():
+                self.empty_hidden = te(self.empty_ids[None].to(te.device))[0].float().cpu()[0]
 
     @torch.no_grad()
     def _encode_captions(self) -> torch.Tensor:
@@ -58,8 +64,10 @@ class TrainingData:
         return out
 
     def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed + 7919 * epoch)
-        return torch.randperm(self.size, generator=g) % len(self.items)
+        if self._epoch_order[0] != epoch:  # one shuffle per epoch, not one per example
+            g = torch.Generator().manual_seed(self.seed + 7919 * epoch)
+            self._epoch_order = (epoch, torch.randperm(self.size, generator=g) % len(self.items))
+        return self._epoch_order[1]
 
     def indices(self, step: int, micro: int) -> list[int]:
         """Item indices of one micro-batch: consecutive slices of per-epoch shuffles."""
@@ -81,8 +89,16 @@ class TrainingData:
         flips = [self.recipe.data.flip and bool(torch.rand((), generator=g) < 0.5) for _ in indices]
         moments = torch.stack([self._moments(i, f, g) for i, f in zip(indices, flips)])
         latents = sample_latents(moments, g) * self.base.vae.config.scaling_factor
-        hidden = self.hidden_states[indices] if self.hidden_states is not None else None
-        return Batch(latents, self.input_ids[indices], [self.items[i].caption for i in indices], g, hidden)
+        ids = self.input_ids[indices].clone()
+        captions = [self.items[i].caption for i in indices]
+        hidden = self.hidden_states[indices].clone() if self.hidden_states is not None else None
+        dropout = self.recipe.data.caption_dropout
+        if dropout:  # drawn only when on, so that other runs' random streams stay as they were
+            for row in torch.nonzero(torch.rand(len(indices), generator=g) < dropout).flatten().tolist():
+                ids[row], captions[row] = self.empty_ids, ""
+                if hidden is not None:
+                    hidden[row] = self.empty_hidden
+        return Batch(latents, ids, captions, g, hidden)
 
     def batch(self, step: int, micro: int = 0) -> Batch:
         return self.make_batch(self.indices(step, micro), step_generator(self.seed, step, micro))

@@ -115,7 +115,7 @@ def tokenizer_without_model(spec: str):
     else None (prepare checks it on the loaded base)."""
     from ..models.tokenizer import build_tokenizer
 
-    if spec == "tiny" or spec.startswith("random:"):
+    if spec in ("tiny", "toy") or spec.startswith("random:"):
         return build_tokenizer()
     path = Path(spec).expanduser()
     try:

@@ -1,0 +1,109 @@
+"""`dreamloom toy pretrain`: the toy base from nothing, reproducibly (seeded), on a CPU.
+
+1. the judge (package data in the repo) is trained separately: `train_judge`;
+2. a pretraining set of toy-world pictures with captions is written as an ordinary image folder;
+3. the VAE learns to reconstruct toy pictures (its own small loop: the training loop trains
+   denoisers, not autoencoders), and its latent scale is measured as SD's was;
+4. the UNet and text encoder train together in dreamloom's own training loop (recipe
+   `toy-pretrain`: DreamBooth method on a random base, 10% empty captions for guidance, EMA,
+   min-SNR), so the run can be watched, stopped and resumed like any other;
+5. the result is written as a diffusers folder (`--base DIR/base`) and as the one fp16 file
+   that ships as package data (`DIR/toy-base.safetensors`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.base import build_random
+from ..models.configs import ARCHS
+from .base import save_toy_base
+from .judge import to_pixels
+from .world import pretraining_example, random_scene, render
+
+PRETRAIN_SHAPES_SEED = 1
+
+
+def write_pretraining_set(folder: Path, count: int, seed: int = 0) -> Path:
+    """`count` pictures with .txt captions; an interrupted write continues where it stopped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image, caption = pretraining_example(rng)  # drawn even when present: the stream stays the same
+        path = folder / f"{i:06d}.png"
+        if not path.with_suffix(".txt").exists():
+            image.save(path)
+            path.with_suffix(".txt").write_text(caption)
+    return folder
+
+
+def train_vae(steps: int, batch: int = 32, seed: int = 0, lr: float = 1e-3, kl_weight: float = 1e-6, log=print):
+    """The toy VAE: L1 + MSE reconstruction with a light KL term, on fresh pictures every step
+    (all shapes, the unseen ones included: an SD VAE can encode things its UNet never saw)."""
+    from .world import SHAPES
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    vae = build_random(ARCHS["toy"], seed=seed).vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        pixels = to_pixels([render(random_scene(rng, shapes=SHAPES)) for _ in range(batch)])
+        dist = vae.encode(pixels).latent_dist
+        recon = vae.decode(dist.sample()).sample
+        loss = F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + kl_weight * dist.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log(f"vae step {step + 1}/{steps} loss {loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():  # SD's rule: scale latents to unit variance
+        pixels = to_pixels([render(random_scene(rng, shapes=SHAPES)) for _ in range(256)])
+        std = vae.encode(pixels).latent_dist.sample().std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return vae
+
+
+def pretrain(out: Path, images: int = 16000, vae_steps: int = 1500, steps: int | None = None,
+             overrides: list[str] = (), seed: int = 0) -> Path:
+    """The whole pretraining into `out`; returns the fp16 base file. Resumes a killed UNet run."""
+    from ..recipes import resolve_recipe
+    from ..trainers.run import resume_run, start_run
+    from ..jobs.rundir import RunDir
+    from .base import load_toy_base
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = write_pretraining_set(out / "data", images, seed)
+    init = out / "init"
+    if not (init / "model_index.json").is_file():
+        base = build_random(ARCHS["toy"], seed=seed)
+        base.vae = train_vae(vae_steps, seed=seed)
+        tmp = out / ".init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        base.pipeline().save_pretrained(tmp)
+        tmp.rename(init)
+    runs = out / "runs"
+    existing = sorted(runs.glob("*")) if runs.is_dir() else []
+    if existing and not any(e["event"] == "end" for e in RunDir.open(existing[-1]).events()):
+        run, _ = resume_run(existing[-1])
+    elif existing:
+        run = RunDir.open(existing[-1])
+    else:
+        values = {"base.model": str(init), "data.path": str(data), "train.seed": seed}
+        if steps is not None:
+            values["train.steps"] = steps
+        run, _ = start_run(resolve_recipe("toy-pretrain", list(overrides), values), runs)
+    from ..models import load_base
+
+    base = load_base(str(run.exports / "diffusers"))
+    shutil.copytree(run.exports / "diffusers", out / "base", dirs_exist_ok=True)
+    path = save_toy_base(base, out / "toy-base.safetensors", metadata={"dreamloom.run": run.path.name})
+    load_toy_base(path)  # the file must load as the shipped one does
+    return path
