@@ -20,7 +20,7 @@ def isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def subject_dir(tmp_path_factory) -> Path:
-    from dreamloom.demo import write_subject_images
+    from helpers import write_subject_images
 
     folder = tmp_path_factory.mktemp("subject")
     write_subject_images(folder, count=4)

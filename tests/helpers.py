@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from dreamloom.jobs import RunDir
 from dreamloom.models import load_base
@@ -11,6 +15,33 @@ from dreamloom.recipes import resolve_recipe
 from dreamloom.trainers.loop import dataset_items, plain, train
 
 PROMPT = "a photo of sks star"
+BACKGROUNDS = [(40, 90, 160), (230, 220, 200), (60, 140, 70), (120, 60, 110)]
+
+
+def subject_image(index: int, size: int = 96) -> Image.Image:
+    """A made-up subject: an orange five-pointed star with a dark outline, placed differently."""
+    img = Image.new("RGB", (size, size), BACKGROUNDS[index % len(BACKGROUNDS)])
+    draw = ImageDraw.Draw(img)
+    cx, cy = size * (0.4 + 0.07 * (index % 3)), size * (0.45 + 0.05 * (index % 2))
+    outer, inner = size * 0.32, size * 0.13
+    points = [
+        (cx + r * math.sin(math.pi * k / 5), cy - r * math.cos(math.pi * k / 5))
+        for k, r in zip(range(10), [outer, inner] * 5)
+    ]
+    draw.polygon(points, fill=(250, 150, 30), outline=(20, 20, 20), width=2)
+    return img
+
+
+def write_subject_images(folder: Path, count: int = 4) -> list[Path]:
+    """`count` star pictures (96 px, no captions) in `folder`; existing files are kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"subject-{i}.png"
+        if not path.exists():
+            subject_image(i).save(path)
+        paths.append(path)
+    return paths
 
 
 def image(pipe, prompt: str = PROMPT, seed: int = 3, steps: int = 4) -> np.ndarray:

@@ -14,16 +14,17 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import dreamloom.studio
-from dreamloom.demo import subject_image, write_subject_images
 from dreamloom.jobs import RunDir
 from dreamloom.jobs.queue import JobQueue
 from dreamloom.jobs.worker import job_log
 from dreamloom.models import load_base
+from dreamloom.recipes import resolve_recipe
 from dreamloom.studio import datasets as ds
 from dreamloom.studio.library import download_bytes, scan_exports
 from dreamloom.studio.tryit import compare
 from dreamloom.trainers.registry import METHODS
-from helpers import train_tiny
+from dreamloom.trainers.run import start_run
+from helpers import subject_image, train_tiny, write_subject_images
 
 APP = Path(dreamloom.studio.__file__).parent / "app.py"
 TIMEOUT = 120  # the first run of a page imports torch and diffusers; the machine may be busy
@@ -38,6 +39,16 @@ def trained(tmp_path_factory):
     subject = root / "subject"
     write_subject_images(subject)
     run, _, _ = train_tiny(root / "runs", subject, sets=QUICK + ["train.steps=8"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A few steps of toy-lora on the demo crescents, on the pretrained toy base."""
+    root = tmp_path_factory.mktemp("toy")
+    recipe = resolve_recipe("toy-lora", QUICK + ["train.steps=4", "prior.enabled=false"],
+                            {"data.path": str(ds.add_demo_dataset(root))})
+    run, _ = start_run(recipe, root / "runs")
     return run
 
 
@@ -155,6 +166,28 @@ def test_datasets_upload_grid_problems_and_captions(home, stars):
     assert ds.read_settings(stars).trigger == "zwx"
 
 
+def test_datasets_demo_button_adds_the_crescents_once_and_they_train_with_one_click(home):
+    at = open_page("datasets")
+    click(at, "Add the demo dataset (4 crescents)")
+    folder = home / "datasets" / "demo-crescent"
+    assert "Dataset 'demo-crescent' added: 4 pictures, trigger sks, class word shape" in texts(at.success)
+    assert labelled(at.selectbox, "Dataset").value == "demo-crescent" and len(at.image) == 4
+    assert not at.warning and not at.error  # no picture has a problem
+    assert at.text_input(key="caption-crescent-0.png-0").value == "a {trigger} {class_word} on a white background"
+    before = snapshot(folder)
+    click(at, "Add the demo dataset (4 crescents)")
+    assert "A dataset named 'demo-crescent' exists already; it was left as it is." in texts(at.error)
+    assert snapshot(folder) == before and ds.list_datasets(home) == ["demo-crescent"]
+
+    at.switch_page("pages/train.py").run()
+    assert labelled(at.selectbox, "Recipe").value == "toy-lora (built-in)"
+    assert labelled(at.selectbox, "Dataset").value == "demo-crescent"
+    click(at, "Train")
+    assert "Job 1 is queued" in texts(at.success), texts(at.error)
+    recipe = JobQueue(home).get(1).recipe
+    assert 'model = "toy"' in recipe and 'class_word = "shape"' in recipe and str(folder) in recipe
+
+
 def zip_of(members: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as archive:
@@ -189,9 +222,9 @@ def test_train_defaults_work_out_of_the_box_and_submit_to_the_queue(home, stars)
     at = open_page("train")
     assert labelled(at.selectbox, "Method").options == [m.replace("_", " ") for m in METHODS]
     assert labelled(at.selectbox, "Method").value == "lora"
-    assert labelled(at.selectbox, "Recipe").value == "tiny-lora (built-in)"
+    assert labelled(at.selectbox, "Recipe").value == "toy-lora (built-in)"
     assert labelled(at.radio, "Base model").value == "Built-in"
-    assert labelled(at.selectbox, "Built-in base").value == "tiny"
+    assert labelled(at.selectbox, "Built-in base").value == "toy"
     assert labelled(at.selectbox, "Dataset").value == "stars"
     assert all(n.help for n in at.number_input)  # every setting says what it does
     assert at.metric[0].label == "Predicted GPU memory" and at.metric[0].value.endswith(" GiB")
@@ -199,7 +232,7 @@ def test_train_defaults_work_out_of_the_box_and_submit_to_the_queue(home, stars)
     click(at, "Train")
     assert "Job 1 is queued" in texts(at.success)
     recipe = JobQueue(home).get(1)
-    assert 'model = "tiny"' in recipe.recipe and "steps = 7" in recipe.recipe and str(stars) in recipe.recipe
+    assert 'model = "toy"' in recipe.recipe and "steps = 7" in recipe.recipe and str(stars) in recipe.recipe
     assert 'trigger = "sks"' in recipe.recipe and 'class_word = "star"' in recipe.recipe
 
 
@@ -209,7 +242,7 @@ def test_train_offers_every_method_with_a_recipe_and_its_settings(home, stars):
         labelled(at.selectbox, "Method").set_value(method).run()
         assert not at.exception and not at.error, (method, texts(at.error))
         recipe = labelled(at.selectbox, "Recipe").value
-        assert recipe.startswith("tiny-") or recipe == f"{method} defaults", (method, recipe)
+        assert recipe.startswith("toy-") or recipe == f"{method} defaults", (method, recipe)
         assert labelled(at.number_input, "Training steps").value > 0
 
 
@@ -329,6 +362,21 @@ def test_library_rows_and_try_it_on_a_trained_run(home, jobs, trained):
     again, _ = compare(base, kohya.path, "lora", 0.0, kohya.prompt, seed=1, steps=4)
     assert alone.tobytes() == again.tobytes()  # the LoRA came off again: the shared base is untouched
     assert alone.tobytes() != with_lora.tobytes()
+
+
+def test_library_tries_a_toy_lora_on_the_toy_base_with_its_runs_settings(home, toy_run):
+    shutil.copytree(toy_run.path, home / "runs" / toy_run.path.name)
+    kohya = next(e for e in scan_exports(home) if e.format == "kohya")
+    assert (kohya.base, kohya.prompt, kohya.guidance_scale) == ("toy", "a sks shape on a pink background", 3.0)
+    at = open_page("library")
+    assert labelled(at.text_input, "Prompt").value == kohya.prompt
+    assert labelled(at.slider, "Guidance").value == 3.0 and labelled(at.slider, "Sampling steps").value == 5
+    click(at, "Generate")
+    assert [i.proto.imgs[0].caption for i in at.image] == ["the base alone", "with sks-lora.safetensors at strength 1"]
+
+    alone, with_lora = compare(load_base("toy"), kohya.path, "lora", 1.0, kohya.prompt, seed=1, steps=4,
+                               guidance_scale=3.0)
+    assert alone.size == with_lora.size == (64, 64) and alone.tobytes() != with_lora.tobytes()
 
 
 def test_library_and_try_it_for_a_hypernetwork(tmp_path, subject_dir):

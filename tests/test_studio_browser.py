@@ -1,7 +1,7 @@
 """The studio end to end in a real browser: Debian's Chromium, driven by Playwright, against
 `dreamloom studio` on localhost. A new user's first session: make a dataset, upload four pictures,
-set the trigger, train the tiny LoRA recipe, watch it finish with a sample picture, download the
-kohya file; the download then loads in dreamloom's sampler.
+set the trigger, train the default recipe (toy-lora, on the pretrained toy base), watch it finish
+with a sample picture, download the kohya file; the download then loads in dreamloom's sampler.
 
 Skipped only where no browser can be had (no Chromium, or no Playwright package)."""
 
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from dreamloom.demo import write_subject_images
+from dreamloom.jobs.queue import JobQueue
 from dreamloom.models import load_base
 from dreamloom.sampling import attach_loras, generate
 from dreamloom.sampling.lora_files import read_lora
+from helpers import write_subject_images
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -122,9 +123,10 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
         finally:
             browser.close()
 
+    assert 'name = "toy-lora"' in JobQueue(home).get(1).recipe  # the default recipe, on the toy base
     export = next((home / "runs").glob(f"*/exports/{TRIGGER}-lora.safetensors"))
     assert downloaded.read_bytes() == export.read_bytes() and read_lora(downloaded)[0] == "kohya"
-    base = load_base("tiny")
+    base = load_base("toy")
     pipe = base.pipeline()
     attach_loras(pipe, base, [(downloaded, 1.0)])
-    assert generate(pipe, [f"a photo of {TRIGGER} star"], steps=2)[0].size == (64, 64)
+    assert generate(pipe, [f"a {TRIGGER} star on a pink background"], steps=2, guidance_scale=3.0)[0].size == (64, 64)

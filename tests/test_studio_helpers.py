@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from dreamloom.demo import subject_image, write_subject_images
 from dreamloom.errors import DatasetError
 from dreamloom.jobs import RunDir
 from dreamloom.recipes import resolve_recipe
 from dreamloom.studio import datasets as ds
 from dreamloom.studio import literal
+from dreamloom.studio import train_form as form
 from dreamloom.studio.progress import format_eta, log_tail, run_progress
+from helpers import subject_image, write_subject_images
 
 
 @pytest.fixture
@@ -59,6 +60,33 @@ def test_captions_inline_bulk_trigger_and_find_replace(dataset):
     assert not ds.caption_path(second).exists()
     ds.remove_image(first)
     assert not first.exists() and not ds.caption_path(first).exists()
+
+
+def test_demo_dataset_has_four_captioned_crescents_and_is_never_overwritten(tmp_path):
+    folder = ds.add_demo_dataset(tmp_path)
+    assert folder == tmp_path / "datasets" / "demo-crescent" and ds.list_datasets(tmp_path) == ["demo-crescent"]
+    assert ds.read_settings(folder) == ds.DatasetSettings("sks", "shape")
+    entries = ds.scan_images(folder)
+    assert [e.path.name for e in entries] == [f"crescent-{i}.png" for i in range(4)]
+    assert all((e.width, e.height, e.problems) == (64, 64, ()) for e in entries)
+    assert [e.caption for e in entries] == ["a {trigger} {class_word} on a white background",
+                                            "a {trigger} {class_word} on a gray background"] * 2
+    assert ds.add_trigger(folder, "sks") == 0  # the placeholder is the trigger: training fills it in
+
+    ds.write_caption(entries[0].path, "my own words")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(DatasetError, match="'demo-crescent' exists already"):
+        ds.add_demo_dataset(tmp_path)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_default_recipe_is_on_the_toy_base_then_tiny(tmp_path):
+    assert form.BUILTIN_BASES[:2] == ["toy", "tiny"] and "random:sd15" in form.BUILTIN_BASES
+    choices = form.recipe_choices(tmp_path, "lora")
+    assert choices[form.default_index(choices)].label == "toy-lora (built-in)"
+    without_toy = [c for c in choices if not c.label.startswith("toy-")]
+    assert without_toy[form.default_index(without_toy)].label == "tiny-lora (built-in)"
+    assert form.default_index([c for c in choices if c.label.startswith("sd15-")]) == 0
 
 
 def test_run_progress_eta_losses_and_log_tail(tmp_path):

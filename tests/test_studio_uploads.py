@@ -10,9 +10,9 @@ import zipfile
 import pytest
 from PIL import Image
 
-from dreamloom.demo import subject_image
 from dreamloom.errors import DatasetError
 from dreamloom.studio.uploads import MB, UploadLimits, clean_name, save_uploads
+from helpers import subject_image
 
 
 def png(index: int = 0, size: int = 96) -> bytes:

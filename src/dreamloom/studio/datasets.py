@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import re
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -15,10 +17,12 @@ from ..datasets import SUPPORTED_SUFFIXES
 from ..datasets.images import open_oriented, to_rgb
 from ..errors import DatasetError
 from ..recipes.schema import DataSection
-from .uploads import CAPTION_SUFFIX, clean_name
+from .uploads import CAPTION_SUFFIX, clean_name, save_uploads
 
 SETTINGS_FILE = "dataset.json"
 MIN_IMAGE_SIZE = DataSection.model_fields["min_image_size"].default  # what a recipe refuses by default
+DEMO_DATASET = "demo-crescent"
+DEMO_SHAPE = "crescent"  # a shape the toy base never saw: learning it is learning new content
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,24 @@ def create_dataset(home: Path, name: str, settings: DatasetSettings) -> Path:
         raise DatasetError(f"A dataset named '{folder.name}' already exists; pick another name.")
     folder.mkdir(parents=True)
     write_settings(folder, settings)
+    return folder
+
+
+def add_demo_dataset(home: Path) -> Path:
+    """The demo dataset: four toy-world pictures of a crescent, captioned with the background
+    ("a {trigger} {class_word} on a white background"), to train toy-lora on with one click. Made as
+    an upload is (create_dataset, then save_uploads of a zip), never over an existing dataset."""
+    from ..toy.world import GENERIC_WORD, write_subject_folder
+
+    if (datasets_root(home) / DEMO_DATASET).exists():
+        raise DatasetError(f"A dataset named '{DEMO_DATASET}' exists already; it was left as it is.")
+    archive = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(archive, "w") as zipped:
+        for picture in write_subject_folder(tmp, DEMO_SHAPE):
+            for path in (picture, caption_path(picture)):
+                zipped.write(path, path.name)
+    folder = create_dataset(home, DEMO_DATASET, DatasetSettings(class_word=GENERIC_WORD))
+    save_uploads(folder, [(f"{DEMO_DATASET}.zip", archive.getvalue())])
     return folder
 
 
@@ -150,11 +172,12 @@ def has_word(caption: str, word: str) -> bool:
 
 def add_trigger(folder: Path, trigger: str) -> int:
     """Put the trigger at the front of every caption that lacks it; returns how many changed.
-    Images without a caption are left alone: the caption template already names the trigger."""
+    Images without a caption are left alone: the caption template already names the trigger; so are
+    captions with the {trigger} placeholder, which training fills in."""
     changed = 0
     for image in image_paths(folder):
         caption = read_caption(image)
-        if caption and not has_word(caption, trigger):
+        if caption and not has_word(caption, trigger) and "{trigger}" not in caption:
             write_caption(image, f"{trigger}, {caption}")
             changed += 1
     return changed

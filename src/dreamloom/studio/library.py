@@ -43,6 +43,8 @@ class Export:
     trigger: str
     class_word: str
     prompt: str  # the run's first validation prompt, filled in: a good start for the try-it panel
+    steps: int  # the run's sampling settings: what its base draws well with
+    guidance_scale: float
 
     @property
     def try_it(self) -> str | None:
@@ -71,7 +73,8 @@ def run_exports(run: RunDir) -> list[Export]:
         path = files[0] if len(files) == 1 else entry  # a one-file folder: offer the file itself
         prompt = recipe.fill(recipe.sample.prompts[0]) if recipe.sample.prompts else recipe.fill("{trigger}")
         rows.append(Export(path, run.path.name, recipe.method, fmt, loads_in, _size(entry), recipe.base.model,
-                           recipe.data.trigger, recipe.data.class_word, prompt))
+                           recipe.data.trigger, recipe.data.class_word, prompt, recipe.sample.steps,
+                           recipe.sample.guidance_scale))
     order = recipe.export.formats  # the method's main format first
     return sorted(rows, key=lambda e: order.index(e.format) if e.format in order else len(order))
 

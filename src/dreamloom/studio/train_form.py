@@ -18,7 +18,9 @@ from .uploads import clean_name
 
 DEFAULT_METHOD = "lora"
 SAVED_RECIPES = "saved-recipes"  # under the home; <home>/recipes/ is the workers' own
-BUILTIN_BASES = ["tiny"] + [f"random:{name}" for name in ARCHS if name != "tiny"]
+DEFAULT_BASE = "toy"  # pretrained: real pictures, and it trains on a laptop CPU in minutes
+FALLBACK_BASE = "tiny"
+BUILTIN_BASES = [DEFAULT_BASE, FALLBACK_BASE] + [f"random:{name}" for name in ARCHS if name != "tiny"]
 
 
 METHOD_HELP = {
@@ -52,13 +54,13 @@ class Setting:
 # then choices, then switches: the page lays them out in that order.
 SETTINGS = [
     Setting("train.steps", "Training steps", "How long to train. More steps learn more detail; too many and every "
-            "picture looks like your photos. The tiny base: 20-100. SD 1.5: about 100 per training image."),
+            "picture looks like your photos. The toy base: a few hundred. SD 1.5: about 100 per training image."),
     Setting("train.learning_rate", "Learning rate", "How big each correction is. Too high and pictures turn to "
             "noise; too low and nothing changes. The recipe's value is a good start."),
     Setting("train.batch_size", "Images per step", "More images per step give smoother training but need more "
                                                    "GPU memory."),
     Setting("data.resolution", "Resolution (px)", "Pictures are cropped square to this size. Match the base model: "
-            "64 for tiny, 512 for SD 1.5, 768 for SD 2.1."),
+            "64 for toy and tiny, 512 for SD 1.5, 768 for SD 2.1."),
     Setting("lora.rank", "Adapter size (rank)", "How much the LoRA can hold. 4-16 is plenty for one subject; "
                                                 "higher makes bigger files that learn more."),
     Setting("textual_inversion.vectors", "Vectors per word", "How many token vectors the trigger stands for: more "
@@ -109,9 +111,10 @@ def recipe_choices(home: Path, method: str) -> list[RecipeChoice]:
 
 
 def default_index(choices: list[RecipeChoice]) -> int:
-    """The first recipe on the built-in tiny base: it trains on a laptop CPU in a minute (tiny-lora for LoRA)."""
+    """The first recipe on the pretrained toy base (toy-lora for LoRA): it draws real pictures and trains
+    on a laptop CPU; else the first on the tiny base; else the first."""
     bases = [tomllib.loads(c.text).get("base", {}).get("model", BaseSection().model) for c in choices]
-    return bases.index("tiny") if "tiny" in bases else 0
+    return next((bases.index(b) for b in (DEFAULT_BASE, FALLBACK_BASE) if b in bases), 0)
 
 
 def job_choice(job_id: int, text: str) -> RecipeChoice:

@@ -46,12 +46,12 @@ def adapter_on(pipe, base, path: Path, kind: str, strength: float):
         raise ValueError(f"the try-it panel cannot apply a {kind!r} adapter")
 
 
-def compare(base, path: Path, kind: str, strength: float, prompt: str, seed: int = 0,
-            steps: int = 20) -> tuple[Image.Image, Image.Image]:
-    """(base alone, base with the adapter at `strength`), same prompt and seed."""
+def compare(base, path: Path, kind: str, strength: float, prompt: str, seed: int = 0, steps: int = 20,
+            guidance_scale: float = 7.5) -> tuple[Image.Image, Image.Image]:
+    """(base alone, base with the adapter at `strength`), same prompt, seed and settings."""
     with SAMPLING_LOCK:
         pipe = base.pipeline()
-        alone = generate(pipe, [prompt], steps=steps, seed=seed)[0]
+        alone = generate(pipe, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed)[0]
         with adapter_on(pipe, base, Path(path), kind, strength):
-            with_adapter = generate(pipe, [prompt], steps=steps, seed=seed)[0]
+            with_adapter = generate(pipe, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed)[0]
     return alone, with_adapter

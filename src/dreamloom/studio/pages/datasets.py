@@ -34,8 +34,22 @@ with st.expander("New dataset", expanded=not names):
                 st.session_state["current_dataset"] = st.session_state["dataset-picker"] = folder.name
                 st.session_state["flash"] = f"Dataset '{literal(folder.name)}' created. Now add pictures."
                 st.rerun()
+    st.caption("Or start from the demo: four pictures of an orange crescent, a shape the toy base has never "
+               "seen. Train it with toy-lora, then draw it in the Library's try-it panel.")
+    if st.button("Add the demo dataset (4 crescents)", icon=":material/add_photo_alternate:"):
+        try:
+            folder = ds.add_demo_dataset(home)
+        except DatasetError as exc:
+            st.error(literal(str(exc)))
+        else:
+            st.session_state["current_dataset"] = st.session_state["dataset-picker"] = folder.name
+            words = ds.read_settings(folder)
+            st.session_state["flash"] = literal(
+                f"Dataset '{folder.name}' added: {len(ds.image_paths(folder))} pictures, trigger {words.trigger}, "
+                f"class word {words.class_word}. Train it on the Train page (toy-lora is the default).")
+            st.rerun()
 if not names:
-    st.info("No datasets yet: create one above, then add your pictures to it.")
+    st.info("No datasets yet: create one above and add your pictures to it, or add the demo dataset.")
     st.stop()
 
 if st.session_state.get("dataset-picker") not in names:  # current_dataset is shared with the Train page
@@ -109,7 +123,8 @@ st.subheader(f"{len(entries)} picture(s)")
 if troubled:
     st.warning(f"{len(troubled)} picture(s) have a problem; training refuses them until they are removed:\n\n"
                + literal("\n".join(f"- {e.path.name}: {'; '.join(e.problems)}" for e in troubled)))
-st.caption(literal(f"An empty caption means: a photo of {settings.trigger} {settings.class_word}".rstrip()))
+st.caption(literal(f"An empty caption means: a photo of {settings.trigger} {settings.class_word}".rstrip()
+                   + ". In a caption, {trigger} and {class_word} stand for the words above."))
 
 
 def save_caption(image, key):

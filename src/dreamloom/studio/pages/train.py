@@ -37,8 +37,9 @@ choices = ([edit] if edit and edit.method == method else []) + form.recipe_choic
 labels = [c.label for c in choices]
 label = st.selectbox("Recipe", labels, index=0 if edit and edit.method == method else form.default_index(choices),
                      key=f"recipe-{method}-{edit.label if edit else ''}",
-                     help="A starting point: built-in recipes are named base-method-GPU memory; tiny-* train on a "
-                          "CPU in seconds (their pictures are noise: the tiny base has random weights).")
+                     help="A starting point: built-in recipes are named base-method-GPU memory. toy-* (the default) "
+                          "train on a CPU in minutes and draw real pictures: the toy base is pretrained on simple "
+                          "shapes. tiny-* train in seconds, but their pictures are noise (random weights).")
 choice = choices[labels.index(label)]
 try:
     start = form.build_recipe(choice, {})
@@ -62,8 +63,10 @@ kind = st.radio("Base model", BASE_KINDS, index=kind_index, horizontal=True, key
 if kind == BASE_KINDS[0]:
     base = st.selectbox("Built-in base", form.BUILTIN_BASES,
                         index=form.BUILTIN_BASES.index(spec) if spec in form.BUILTIN_BASES else 0,
-                        help="tiny: the real SD architecture scaled down, random weights; trains in seconds on a CPU. "
-                             "random:*: full-size architectures with random weights (benchmarks).")
+                        help="toy: SD's architecture at 64 px, pretrained on pictures of simple shapes; trains on a "
+                             "CPU in minutes and draws real pictures. tiny: the same scaled down further, random "
+                             "weights; trains in seconds, draws noise. random:*: architectures with random weights "
+                             "(benchmarks).")
 elif kind == BASE_KINDS[1]:
     base = st.text_input("Path", value=spec if kind_index == 1 else "",
                          help="A diffusers model folder (with model_index.json) or a .safetensors / .ckpt file.")
@@ -102,7 +105,8 @@ except DreamloomError as exc:
 memory = st.cache_data(form.predicted_memory, show_spinner="Estimating GPU memory...", max_entries=64)(
     dump_recipe(recipe))
 if memory is None:
-    st.caption("No GPU memory estimate for this base: it is read from `tiny`, `random:*` or a local model's files.")
+    st.caption("No GPU memory estimate for this base: it is read from `toy`, `tiny`, `random:*` or a local "
+               "model's files.")
 else:
     st.metric("Predicted GPU memory", f"{memory[0]:.1f} GiB", help="The peak of training on a CUDA GPU; on a CPU "
               "training uses ordinary memory instead.")
