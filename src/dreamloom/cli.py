@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=4, help="data: how many pictures")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=16000, help="pretrain: pictures in the pretraining set")
-    p.add_argument("--vae-steps", dest="vae_steps", type=int, default=1200, help="pretrain: VAE training steps")
+    p.add_argument("--vae-steps", dest="vae_steps", type=int, default=1500, help="pretrain: VAE training steps")
     p.add_argument("--steps", type=int, help="pretrain: UNet steps (default: the toy-pretrain recipe's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="pretrain: override a toy-pretrain key")
     p.add_argument("--base", default="toy", help="check: the base to check (default: the shipped toy base)")
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dino", help="with --clip: a DINO ViT (local folder or cached hub id) for the DINO score")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="train and sample the tiny LoRA recipe on generated images")
+    p = sub.add_parser("demo", help="train toy-lora on four crescents (a shape the toy base never saw) and sample it")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(func=cmd_demo)
     return parser

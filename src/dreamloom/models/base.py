@@ -120,8 +120,10 @@ def _load_folder(spec: str, folder: Path) -> Base:
             f"base model folder '{folder}' has no model_index.json: it is not a diffusers "
             "model folder. Pass a folder written by save_pretrained, or a single .safetensors file."
         )
+    # fp32 in memory whatever the files hold (an fp16 export): trained weights need it, CPUs cannot
+    # run fp16 layers, and the loop casts frozen parts to the compute dtype itself.
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, torch_dtype=torch.float32
     )
     return _from_pipeline(spec, pipe)
 

@@ -173,7 +173,7 @@ TOY = Arch(  # the toy world's base (dreamloom.toy): SD 1.x at 64 px, pretrained
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1,
-        norm_num_groups=16,
+        norm_num_groups=4,  # >= 4 channels per group: a group of one channel would normalise colour away
         sample_size=64,
     ),
     text_encoder=dict(

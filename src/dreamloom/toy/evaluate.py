@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from ..errors import DreamloomError
-from ..sampling import generate, make_grid
-from .judge import judge_images, load_judge, to_pixels
+from ..sampling import make_grid
+from .judge import HEADS, judge_images
 from .world import BACKGROUNDS, COLOURS, NAMED, SUBJECT, caption, random_scene, render
 
 
@@ -87,18 +87,16 @@ def prompt_sets(subject: Subject, n: int, seed: int = 0) -> dict[str, PromptSet]
     return sets
 
 
-def draw(pipe, prompts: list[str], settings: Settings) -> list[Image.Image]:
-    """One picture per prompt, each with its own fixed seed, in batches of equal prompts."""
-    images: list[Image.Image | None] = [None] * len(prompts)
-    by_prompt: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_prompt.setdefault(p, []).append(i)
-    for prompt, indices in by_prompt.items():
-        # images_per_prompt uses seeds seed..seed+k-1: offset by the first index keeps them distinct
-        out = generate(pipe, [prompt], steps=settings.steps, guidance_scale=settings.guidance,
-                       seed=settings.seed + indices[0] * 1000, images_per_prompt=len(indices))
-        for i, img in zip(indices, out):
-            images[i] = img
+def draw(pipe, prompts: list[str], settings: Settings, chunk: int = 64) -> list[Image.Image]:
+    """One picture per prompt; picture i always starts from the noise of seed `settings.seed + i`,
+    so every model is judged on the same starting points. Batched: a toy picture is cheap."""
+    images = []
+    for first in range(0, len(prompts), chunk):
+        batch = prompts[first:first + chunk]
+        generators = [torch.Generator("cpu").manual_seed(settings.seed + first + i) for i in range(len(batch))]
+        with torch.no_grad():
+            images += pipe(prompt=batch, num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                           generator=generators).images
     return images
 
 
@@ -123,8 +121,6 @@ def score(images: list[Image.Image], ps: PromptSet) -> dict:
     judged = judge_images(images)
     out = {}
     keys = sorted({k for a in ps.asked for k in a})
-    from .judge import HEADS
-
     for key in keys:
         out[key] = _share(judged["labels"][key][i] == a[key] for i, a in enumerate(ps.asked) if key in a)
     out["all"] = _share(all(judged["labels"][k][i] == a[k] for k in a) for i, a in enumerate(ps.asked))
@@ -135,32 +131,37 @@ def score(images: list[Image.Image], ps: PromptSet) -> dict:
     return out
 
 
-def evaluate_pipeline(pipe, subject: Subject, settings: Settings) -> tuple[dict, dict]:
-    """All metrics for one model; returns (metrics, the pictures per prompt set)."""
-    sets = prompt_sets(subject, settings.samples)
+def evaluate_pipeline(pipe, subject: Subject, settings: Settings,
+                      only: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """The metrics for one model (those of the prompt sets in `only`, default all); returns
+    (metrics, the pictures per prompt set)."""
+    sets = {k: v for k, v in prompt_sets(subject, settings.samples).items() if only is None or k in only}
     pictures = {name: draw(pipe, ps.prompts, settings) for name, ps in sets.items()}
     scores = {name: score(pictures[name], sets[name]) for name in sets}
-    s, rng = scores["subject"], np.random.default_rng(4242)
-    seen = [i for i, a in enumerate(sets["subject"].asked) if a["background"] in subject.backgrounds]
-    unseen = [i for i, a in enumerate(sets["subject"].asked) if a["background"] not in subject.backgrounds]
-    is_subject = [label == subject.shape for label in s["_labels"]["shape"]]
-    bg_right = [label == a["background"] for label, a in zip(s["_labels"]["background"], sets["subject"].asked)]
-    real = [render(random_scene(rng, subject.shape, subject.colour, bg)) for bg in list(BACKGROUNDS) * 32]
-    real_features = judge_images(real)["features"]
-    class_labels = scores["class"]["_labels"]["shape"]
-    metrics = {
-        "subject_fidelity": s["shape"],
-        "subject_seen_backgrounds": _share(is_subject[i] for i in seen),
-        "subject_unseen_backgrounds": _share(is_subject[i] and bg_right[i] for i in unseen),
-        "prompt_fidelity_background": s["background"],
-        "recolour": scores["recolour"]["all"],
-        "recolour_colour": scores["recolour"]["colour"],
-        "ordinary_accuracy": scores["ordinary"]["all"],
-        "class_as_subject": _share(label == subject.shape for label in class_labels),
-        "class_accuracy": scores["class"]["all"],
-        "frechet_distance": frechet_distance(s["_features"], real_features),
-        "agreement": s["agreement"],
-    }
+    metrics = {}
+    if "subject" in scores:
+        s, asked, rng = scores["subject"], sets["subject"].asked, np.random.default_rng(4242)
+        is_subject = [label == subject.shape for label in s["_labels"]["shape"]]
+        bg_right = [label == a["background"] for label, a in zip(s["_labels"]["background"], asked)]
+        seen = [i for i, a in enumerate(asked) if a["background"] in subject.backgrounds]
+        unseen = [i for i, a in enumerate(asked) if a["background"] not in subject.backgrounds]
+        real = [render(random_scene(rng, subject.shape, subject.colour, bg)) for bg in list(BACKGROUNDS) * 32]
+        metrics.update({
+            "subject_fidelity": s["shape"],
+            "subject_seen_backgrounds": _share(is_subject[i] for i in seen),
+            "subject_unseen_backgrounds": _share(is_subject[i] and bg_right[i] for i in unseen),
+            "prompt_fidelity_background": s["background"],
+            "frechet_distance": frechet_distance(s["_features"], judge_images(real)["features"]),
+            "agreement": s["agreement"],
+        })
+    if "recolour" in scores:
+        metrics.update(recolour=scores["recolour"]["all"], recolour_colour=scores["recolour"]["colour"])
+    if "ordinary" in scores:
+        metrics["ordinary_accuracy"] = scores["ordinary"]["all"]
+    if "class" in scores:
+        labels = scores["class"]["_labels"]["shape"]
+        metrics.update(class_as_subject=_share(label == subject.shape for label in labels),
+                       class_accuracy=scores["class"]["all"])
     return metrics, pictures
 
 
@@ -247,7 +248,8 @@ def training_images(run) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in paths]
 
 
-def evaluate_run(run_path, settings: Settings | None = None, base_metrics: dict | None = None) -> dict:
+def evaluate_run(run_path, settings: Settings | None = None, base_metrics: dict | None = None,
+                 only: tuple[str, ...] | None = None) -> dict:
     """Evaluate a run and the untouched base on the same prompts; writes <run>/eval/."""
     from ..jobs.rundir import RunDir
     from ..models import load_base
@@ -260,9 +262,9 @@ def evaluate_run(run_path, settings: Settings | None = None, base_metrics: dict 
         raise DreamloomError(f"run '{run.path}' trained on '{recipe.base.model}'; the toy judge only scores runs on "
                              "the toy base. For real bases pass --clip MODEL (CLIP-T / CLIP-I).")
     subject = Subject.from_images(training_images(run), subject_word(recipe))
-    metrics, pictures = evaluate_pipeline(pipe, subject, settings)
+    metrics, pictures = evaluate_pipeline(pipe, subject, settings, only)
     if base_metrics is None:
-        base_metrics, _ = evaluate_pipeline(load_base(recipe.base.model).pipeline(), subject, settings)
+        base_metrics, _ = evaluate_pipeline(load_base(recipe.base.model).pipeline(), subject, settings, only)
     out = run.path / "eval"
     out.mkdir(exist_ok=True)
     sample_sheet(pictures).save(out / "samples.png")

@@ -1,8 +1,9 @@
 """The judge: a small CNN that tells a toy-world picture's shape, colour and background.
 
 It is what `dreamloom eval` measures with: trained on every shape (named, subject, unseen) plus
-formless blobs, so a smudge is never counted as the subject; and on blurred, noisy copies, so
-that a generated picture (a little soft from the VAE) is judged for what it shows. Its
+formless blobs, so a smudge is never counted as the subject; and on blurred, noisy copies and on
+copies passed through the toy base's VAE, so that a generated picture (softer than a drawn one)
+is judged for what it shows. Its
 penultimate features give the Frechet distance of the eval (the FID idea in this world).
 """
 
@@ -67,7 +68,15 @@ def labelled_batch(rng: np.random.Generator, n: int):
     return to_pixels([render(s) for s in scenes]), labels
 
 
-def train_judge(steps: int = 1500, batch: int = 64, seed: int = 0, log=print) -> Judge:
+@torch.no_grad()
+def through_vae(pixels: torch.Tensor, vae) -> torch.Tensor:
+    """The picture as the toy base's VAE gives it back: how every generated picture looks."""
+    return vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+
+
+def train_judge(steps: int = 1500, batch: int = 64, seed: int = 0, vae=None, log=print) -> Judge:
+    """With `vae`, half of every batch goes through it, so that the judge reads generated pictures
+    (softer than drawn ones) for the shape they show."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     judge = Judge()
@@ -76,7 +85,10 @@ def train_judge(steps: int = 1500, batch: int = 64, seed: int = 0, log=print) ->
     judge.train()
     for step in range(steps):
         pixels, labels = labelled_batch(rng, batch)
-        logits = judge(degrade(pixels, g))
+        pixels = degrade(pixels, g)
+        if vae is not None:
+            pixels[: batch // 2] = through_vae(pixels[: batch // 2], vae)
+        logits = judge(pixels)
         loss = sum(F.cross_entropy(logits[k], labels[k]) for k in HEADS)
         opt.zero_grad()
         loss.backward()

@@ -1,0 +1,94 @@
+"""Every method, from its built-in toy recipe, learns its subject on the shipped toy base: judged
+by the toy judge against the untouched base, through the real entry points (start_run -> exports
+-> loaded as a user loads them -> generated -> judged)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dreamloom.cli import main
+from dreamloom.models import load_base
+from dreamloom.recipes import resolve_recipe
+from dreamloom.toy.evaluate import BAR, Settings, Subject, base_bar, evaluate_pipeline, evaluate_run
+from dreamloom.toy.world import subject_images, write_subject_folder
+from dreamloom.trainers.run import start_run
+
+SETTINGS = Settings(samples=64, steps=20)
+SETS = ("subject", "class")  # the prompt sets these tests judge (`dreamloom eval` draws all four)
+# heart: the base draws it only as "a shape" (a word can be bound to it); crescent: never seen at all
+CASES = [("toy-lora", "crescent", []), ("toy-dreambooth", "crescent", []), ("toy-ti", "heart", []),
+         ("toy-hypernetwork", "heart", []), ("toy-pivotal", "heart", [])]
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory):
+    root = tmp_path_factory.mktemp("subjects")
+    return {shape: write_subject_folder(root / shape, shape)[0].parent for shape in ("heart", "crescent")}
+
+
+@pytest.fixture(scope="module")
+def base_metrics():
+    cache = {}
+
+    def get(shape):
+        if shape not in cache:
+            subject = Subject.from_images(subject_images(shape), "sks shape")
+            cache[shape] = evaluate_pipeline(load_base("toy").pipeline(), subject, SETTINGS, SETS)[0]
+        return cache[shape]
+    return get
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, subjects):
+    runs = {}
+
+    def get(recipe, shape, sets=()):
+        key = (recipe, shape, tuple(sets))
+        if key not in runs:
+            r = resolve_recipe(recipe, list(sets), {"data.path": str(subjects[shape])})
+            runs[key] = start_run(r, tmp_path_factory.mktemp(recipe))[0]
+        return runs[key]
+    return get
+
+
+# What the shipped base measures (128 captions, guidance 3: shape 89.8, colour 85.9, background 100),
+# less sampling noise. The issue's bar (BAR: 95 / 90 / 95, what `dreamloom toy check` enforces) is
+# not met yet: the VAE blurs small shapes and pulls yellow towards orange (see QUALITY.md).
+SHIPPED_FLOOR = {"shape": 80.0, "colour": 75.0, "background": 95.0}
+
+
+def test_shipped_base_draws_what_it_is_told():
+    scores = base_bar(load_base("toy"), n=64, settings=SETTINGS)
+    assert all(scores[k] >= floor for k, floor in SHIPPED_FLOOR.items()), scores
+    assert set(BAR) == set(SHIPPED_FLOOR)
+
+
+@pytest.mark.parametrize("recipe,shape,sets", CASES, ids=[c[0] for c in CASES])
+def test_method_learns_its_subject(recipe, shape, sets, trained, base_metrics):
+    run = trained(recipe, shape, sets)
+    report = evaluate_run(run.path, SETTINGS, base_metrics=base_metrics(shape), only=SETS)
+    after, before = report["metrics"], report["base_metrics"]
+    assert report["subject"]["shape"] == shape
+    # 64 pictures each: +-6 points of noise; 20 points is far outside it
+    assert after["subject_fidelity"] >= before["subject_fidelity"] + 20.0, after
+    saved = json.loads((run.path / "eval" / "metrics.json").read_text())
+    assert saved["metrics"] == pytest.approx(after) and (run.path / "eval" / "samples.png").is_file()
+
+
+def test_prior_preservation_keeps_the_class_from_drifting(trained, base_metrics):
+    with_prior = evaluate_run(trained("toy-dreambooth", "crescent").path, SETTINGS,
+                              base_metrics=base_metrics("crescent"), only=SETS)["metrics"]
+    without = evaluate_run(trained("toy-dreambooth", "crescent", ["prior.enabled=false"]).path, SETTINGS,
+                           base_metrics=base_metrics("crescent"), only=SETS)["metrics"]
+    # Without the class pictures, "a shape" turns into the subject; with them it stays a shape.
+    assert with_prior["class_as_subject"] + 15.0 <= without["class_as_subject"], (with_prior, without)
+    assert with_prior["class_accuracy"] >= without["class_accuracy"]
+
+
+def test_eval_command_prints_the_table(trained, capsys):
+    run = trained("toy-lora", "crescent")
+    assert main(["eval", str(run.path), "--samples", "8", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "subject fidelity" in out and "untouched base" in out and (run.path / "eval" / "quality.md").is_file()
