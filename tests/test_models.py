@@ -64,7 +64,7 @@ def test_diffusers_folder_loads_back(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("random:sd99", "known: random:sd15"),
+    ("random:sd99", "known: random:toy, random:sd15, random:sd21"),
     ("./no/such/folder", "not found"),
 ])
 def test_unknown_bases(spec, message):
