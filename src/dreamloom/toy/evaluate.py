@@ -30,7 +30,7 @@ from PIL import Image
 from ..errors import DreamloomError
 from ..sampling import make_grid
 from .judge import HEADS, judge_images
-from .world import BACKGROUNDS, COLOURS, NAMED, SUBJECT, caption, random_scene, render
+from .world import BACKGROUNDS, COLOURS, NAMED, caption, random_scene, render
 
 
 @dataclass

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..models.base import build_random
 from ..models.configs import ARCHS
@@ -26,7 +25,6 @@ from .base import save_toy_base
 from .judge import to_pixels
 from .world import pretraining_example, random_scene, render
 
-PRETRAIN_SHAPES_SEED = 1
 
 
 def write_pretraining_set(folder: Path, count: int, seed: int = 0) -> Path:
