@@ -9,6 +9,8 @@ import json
 import pytest
 
 from dreamloom.cli import main
+from dreamloom.errors import DreamloomError
+from dreamloom.jobs.rundir import RunDir
 from dreamloom.models import load_base
 from dreamloom.recipes import resolve_recipe
 from dreamloom.toy.evaluate import BAR, Settings, Subject, base_bar, evaluate_pipeline, evaluate_run
@@ -53,16 +55,11 @@ def trained(tmp_path_factory, subjects):
     return get
 
 
-# What the shipped base measures (128 captions, guidance 3: shape 89.8, colour 85.9, background 100),
-# less sampling noise. The issue's bar (BAR: 95 / 90 / 95, what `dreamloom toy check` enforces) is
-# not met yet: the VAE blurs small shapes and pulls yellow towards orange (see QUALITY.md).
-SHIPPED_FLOOR = {"shape": 80.0, "colour": 75.0, "background": 95.0}
-
-
 def test_shipped_base_draws_what_it_is_told():
-    scores = base_bar(load_base("toy"), n=64, settings=SETTINGS)
-    assert all(scores[k] >= floor for k, floor in SHIPPED_FLOOR.items()), scores
-    assert set(BAR) == set(SHIPPED_FLOOR)
+    # The issue's bar, at `dreamloom toy check`'s own settings (128 captions, DDIM 25, guidance 3):
+    # measured shape 96.9, colour 100, background 100; at 64 captions shape has one picture to spare.
+    scores = base_bar(load_base("toy"))
+    assert all(scores[k] >= bar for k, bar in BAR.items()), scores
 
 
 @pytest.mark.parametrize("recipe,shape,sets", CASES, ids=[c[0] for c in CASES])
@@ -92,3 +89,11 @@ def test_eval_command_prints_the_table(trained, capsys):
     assert main(["eval", str(run.path), "--samples", "8", "--steps", "10"]) == 0
     out = capsys.readouterr().out
     assert "subject fidelity" in out and "untouched base" in out and (run.path / "eval" / "quality.md").is_file()
+
+
+def test_eval_refuses_a_run_on_another_base_before_loading_it(subjects, tmp_path):
+    # No exports either: the base is checked first, from the recipe alone, so nothing loads.
+    run = RunDir.create(tmp_path, resolve_recipe("toy-lora", [], {"data.path": str(subjects["crescent"]),
+                                                                   "base.model": "random:sd15"}))
+    with pytest.raises(DreamloomError, match="only scores runs on the toy base.*--clip"):
+        evaluate_run(run.path, SETTINGS)

@@ -102,9 +102,8 @@ def _hints(recipe) -> dict[str, list[str]]:
     return hints
 
 
-def _meta_base(spec: str):
-    """The base on the meta device, from the architecture of tiny, random:<arch>, a local folder or checkpoint."""
-    from .models.base import build_random
+def base_arch(spec: str):
+    """The architecture of tiny, toy, random:<arch>, a local folder or checkpoint, read without loading weights."""
     from .models.configs import ARCHS, arch_for_text_width
 
     known, path = ", ".join(["tiny", "toy"] + [f"random:{n}" for n in ARCHS if n != "tiny"]), Path(spec).expanduser()
@@ -122,6 +121,14 @@ def _meta_base(spec: str):
     else:
         raise BaseModelError(f"base model '{spec}' is no known architecture ({known}), diffusers folder or .safetensors/"
                              ".ckpt file; estimate never downloads, so for a hub id pass --base with its architecture.")
+    return arch
+
+
+def _meta_base(spec: str):
+    """The base on the meta device (no weights read or allocated)."""
+    from .models.base import build_random
+
+    arch = base_arch(spec)
     base = build_random(arch, meta=True)
     [m.to("meta") for m in (base.unet, base.vae, base.text_encoder)]  # buffers too, which init_empty_weights leaves on the CPU
     return base, arch.name

@@ -173,7 +173,9 @@ TOY = Arch(  # the toy world's base (dreamloom.toy): SD 1.x at 64 px, pretrained
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1,
-        norm_num_groups=4,  # >= 4 channels per group: a group of one channel would normalise colour away
+        # One group: a GroupNorm removes each group's mean and scale over the whole picture, and at
+        # this width 4 groups took the colour with them (judge on round-tripped pictures: 83% -> 99.6%).
+        norm_num_groups=1,
         sample_size=64,
     ),
     text_encoder=dict(

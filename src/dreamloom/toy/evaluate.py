@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DreamloomError
+from ..errors import BaseModelError, DreamloomError
 from ..sampling import make_grid
 from .judge import HEADS, judge_images
 from .world import BACKGROUNDS, COLOURS, NAMED, caption, random_scene, render
@@ -248,6 +248,15 @@ def training_images(run) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in paths]
 
 
+def _on_toy_arch(spec: str) -> bool:
+    from ..estimate import base_arch
+
+    try:
+        return base_arch(spec).name == "toy"
+    except BaseModelError:  # a hub id, or no longer on disk: not a toy base either way
+        return False
+
+
 def evaluate_run(run_path, settings: Settings | None = None, base_metrics: dict | None = None,
                  only: tuple[str, ...] | None = None) -> dict:
     """Evaluate a run and the untouched base on the same prompts; writes <run>/eval/."""
@@ -257,10 +266,10 @@ def evaluate_run(run_path, settings: Settings | None = None, base_metrics: dict 
     settings = settings or Settings()
     run = RunDir.open(run_path)
     recipe = run.recipe()
-    base, pipe = load_run_model(run)
-    if base.arch.name != "toy":
+    if not _on_toy_arch(recipe.base.model):  # before any weights load: an SD-size base takes a while
         raise DreamloomError(f"run '{run.path}' trained on '{recipe.base.model}'; the toy judge only scores runs on "
                              "the toy base. For real bases pass --clip MODEL (CLIP-T / CLIP-I).")
+    base, pipe = load_run_model(run)
     subject = Subject.from_images(training_images(run), subject_word(recipe))
     metrics, pictures = evaluate_pipeline(pipe, subject, settings, only)
     if base_metrics is None:
