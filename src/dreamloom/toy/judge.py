@@ -3,8 +3,8 @@
 It is what `dreamloom eval` measures with: trained on every shape (named, subject, unseen) plus
 formless blobs, so a smudge is never counted as the subject; and on blurred, noisy copies and on
 copies passed through the toy base's VAE, so that a generated picture (softer than a drawn one)
-is judged for what it shows. Its
-penultimate features give the Frechet distance of the eval (the FID idea in this world).
+is judged for what it shows. Its penultimate features give the Frechet distance of the eval (the
+FID idea in this world).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """`dreamloom toy pretrain`: the toy base from nothing, reproducibly (seeded), on a CPU.
 
-1. the judge (package data in the repo) is trained separately, after the base: half of its
-   pictures pass through this VAE (`train_judge(vae=...)`); the bar check at the end uses the
-   judge there is;
+1. the judge (package data in the repo) is trained separately, after the base, because half of
+   its pictures pass through the base's VAE (`train_judge(vae=...)`); the bar check at the end
+   of this pretraining uses the shipped judge;
 2. a pretraining set of toy-world pictures with captions is written as an ordinary image folder;
 3. the VAE learns to reconstruct toy pictures (its own small loop: the training loop trains
    denoisers, not autoencoders), and its latent scale is measured as SD's was;
