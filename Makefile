@@ -2,15 +2,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# Exact versions the suite passed with (pip constraints); `make lock` refreshes it.
+LOCK := src/dreamloom/requirements.lock
 
-.PHONY: install run demo test clean
+.PHONY: install run demo test lock clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(LOCK) --upgrade pip setuptools
 	# torch first and pinned: letting pip choose it would download a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[dev]'
+	# Everything else at the locked versions: a release made after the lock cannot break this install.
+	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,5 +31,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The newest versions pyproject.toml allows, in a fresh venv; the lock is rewritten only if the
+# whole suite passes with them.
+lock:
+	TORCH_VERSION=$(TORCH_VERSION) LOCK=$(LOCK) bash tools/refresh-lock.sh
+
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) .venv-lock demo-out .pytest_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 
 import pytest
@@ -110,3 +111,78 @@ def test_sampler_refuses_a_file_that_is_not_a_lora(tmp_path, capsys):
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     err = run_cli(["train", "--resume", str(tmp_path)], capsys)
     assert "not a dreamloom run directory" in err
+
+
+def test_target_module_no_layer_has(subject_dir, out, capsys):
+    err = run_cli(train_args(subject_dir, out, "--set", "lora.target_modules=['nope', 'to_q']"), capsys)
+    assert "lora.target_modules" in err and "'nope'" in err and "to_k" in err, err  # names that exist
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_out_folder_that_cannot_take_a_run(where, tmp_path, subject_dir, capsys, monkeypatch):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    target = {"a file": blocker, "under a file": blocker / "runs", "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":  # a read-only mount, as the OS reports it on the first write
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+        monkeypatch.setattr("dreamloom.paths.tempfile.TemporaryFile", refuse)
+    err = run_cli(train_args(subject_dir, target), capsys)
+    assert str(target) in err and "--out" in err, err
+    assert {"a file": "is a file", "under a file": "a part of the path is a file",
+            "read-only": "read-only"}[where] in err
+    assert blocker.read_text() == "mine" and not (tmp_path / "ro").exists()
+
+
+def test_full_disk_before_the_run_names_the_folder_and_what_is_free(subject_dir, out, capsys, monkeypatch):
+    monkeypatch.setattr("dreamloom.paths.free_bytes", lambda folder: 5 * 2**20)
+    err = run_cli(train_args(subject_dir, out), capsys)
+    assert str(out) in err and "5.0 MB free" in err
+    assert not out.exists()
+
+
+def test_fp16_on_a_cpu_leaves_no_run_behind(subject_dir, out, capsys):
+    err = run_cli(train_args(subject_dir, out, "--set", "train.mixed_precision='fp16'"), capsys)
+    assert "train.mixed_precision" in err and "CUDA" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "grid.xyz"], ["grid.xyz", "not an image type", ".png"]),
+    (["--out", "{tmp}"], ["is a folder"]),  # an existing folder, even with --overwrite
+    (["--out", "{tmp}/notes.txt/grid.png"], ["notes.txt' is a file, not a folder"]),
+    (["--lora", "x.safetensors:nan"], ["strength 'nan'", "finite"]),
+    (["--lora", "x.safetensors:inf"], ["strength 'inf'"]),
+    (["--hypernetwork", "x.pt:100"], ["strength '100'", "-10 to 10"]),
+])
+def test_sample_checks_its_arguments_before_any_work(args, words, tmp_path, capsys, monkeypatch):
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    # --base names nothing: each of these must be refused before the base is even looked for
+    err = run_cli(["sample", "--base", "missing-base", "--prompt", "x", "--overwrite", *args], capsys)
+    for word in words:
+        assert word in err, err
+    assert "missing-base" not in err
+
+
+@pytest.mark.parametrize("flag", ["--n", "--steps"])
+def test_sample_counts_below_one_are_usage_errors(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--prompt", "x", flag, "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "at least 1" in err and "Traceback" not in err
+
+
+def test_export_of_a_damaged_checkpoint_offers_the_previous_one(tmp_path, subject_dir, capsys):
+    from helpers import train_tiny
+
+    run, _, _ = train_tiny(tmp_path / "runs", subject_dir, ["train.steps=20", "train.checkpoint_every=10"])
+    latest = run.latest_checkpoint() / "trainable.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # a disk error, a copy cut short
+    err = run_cli(["export", str(run.path), "--overwrite"], capsys)
+    assert str(latest.parent) in err and "damaged" in err and "--step 10" in err
+    assert main(["export", str(run.path), "--step", "10", "--overwrite"]) == 0
+    assert "export:" in capsys.readouterr().out

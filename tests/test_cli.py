@@ -47,5 +47,5 @@ def test_estimate_command(capsys):
     assert "859,520,964" in out and "fits a 12 GiB card" in out
     assert main(["estimate", "sd15-dreambooth-12gb", "--base", "random:sd15", "--vram", "6"]) == 0
     assert "WARNING" in capsys.readouterr().out
-    assert main(["estimate", "tiny-lora", "--base", "random:sdxl"]) == 2
-    assert "unknown architecture 'random:sdxl'" in capsys.readouterr().err
+    assert main(["estimate", "tiny-lora", "--base", "random:sd99"]) == 2
+    assert "unknown random architecture 'random:sd99'" in capsys.readouterr().err

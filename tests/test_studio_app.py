@@ -402,3 +402,20 @@ def test_try_it_for_an_embedding(tmp_path, subject_dir):
     assert base.text_encoder.get_input_embeddings().weight.shape[0] == rows
     again, _ = compare(base, exports["a1111_pt"].path, "embedding", 0.0, exports["a1111"].prompt, seed=1, steps=4)
     assert alone.tobytes() == again.tobytes() and alone.tobytes() != with_word.tobytes()
+
+
+# --- About ------------------------------------------------------------------------------------------
+
+def test_about_shows_the_doctor_report(home):
+    at = open_page("about")
+    assert "No known problems" in texts(at.success)
+    table = at.dataframe[0].value
+    assert {"transformers", "bitsandbytes backend", "free disk: studio home"} <= set(table["what"])
+    assert any("(locked)" in value for value in table["value"])
+
+
+def test_jobs_page_says_when_the_queue_was_repaired(home):
+    JobQueue(home)
+    (home / "jobs.db").write_bytes(b"")  # emptied
+    at = open_page("jobs")
+    assert "was damaged" in texts(at.warning) and "jobs.db.damaged-" in texts(at.warning)

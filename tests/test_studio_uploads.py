@@ -143,3 +143,27 @@ def test_a_failed_write_leaves_no_partial_files(dataset, monkeypatch):
                                          ("!!!.png", "image.png")])
 def test_clean_name(name, clean):
     assert clean_name(name) == clean
+
+
+def test_a_damaged_zip_member_is_refused_and_nothing_is_added(dataset):
+    archive = bytearray(make_zip([("a.png", png(0)), ("b.png", png(1))]))
+    offset = archive.find(b"b.png") + len(b"b.png") + 40  # inside b.png's compressed bytes
+    archive[offset] ^= 0xFF  # a damaged download: the member's CRC no longer matches
+    before = snapshot(dataset)
+    with pytest.raises(DatasetError) as err:
+        save_uploads(dataset, [("photos.zip", bytes(archive))])
+    assert "photos.zip" in str(err.value) and "b.png" in str(err.value) and "damaged" in str(err.value)
+    assert snapshot(dataset) == before
+
+
+def test_links_planted_in_the_dataset_folder_are_never_written_through(dataset, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    # the temp names earlier versions used, and the final name the upload would take
+    for name in (".upload-dog.png.tmp", ".upload-dog.txt.tmp", ".dog.png.tmp", "dog.png"):
+        (dataset / name).symlink_to(victim)
+    archive = make_zip([("dog.png", png(1)), ("dog.txt", b"a caption")])
+    added = save_uploads(dataset, [("dog.png", png(0)), ("set.zip", archive)])
+    assert victim.read_text() == "precious"
+    assert all(not p.is_symlink() for p in added) and {p.name for p in added} == {"dog-2.png", "dog-3.png"}
+    assert (dataset / "dog-3.txt").read_text() == "a caption"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import math
 import os
 import sys
 from pathlib import Path
 
-from .errors import DreamloomError, TrainingStopped
+from .atomic import atomic_path
+from .errors import DreamloomError
+from .paths import check_writable_folder, studio_home
+from .shell import quiet_libraries, run_command
 
 
 SHORTCUTS = {"data": "data.path", "trigger": "data.trigger", "class_word": "data.class_word",
@@ -30,7 +33,7 @@ def cmd_train(args) -> int:
         if not args.recipe:
             raise DreamloomError("name a recipe (see `dreamloom recipes`) or a .toml file, or pass --resume RUN.")
         recipe = resolve_recipe(args.recipe, args.set, _shortcut_values(args))
-        run, exports = start_run(recipe, args.out)
+        run, exports = start_run(recipe, args.out, log=lambda line: print(line, flush=True))
     print(f"finished: {run.path}")
     for path in exports:
         print(f"export: {path}")
@@ -38,31 +41,47 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from PIL import Image
+
     from .models import load_base
     from .sampling import attach_loras, generate, make_grid, parse_weighted
     from .sampling.embeddings import attach_embeddings
     from .sampling.hypernetwork import attach_hypernetworks
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise DreamloomError(f"'{out}' already exists; choose another --out or pass --overwrite.")
+    out = check_image_out(Path(args.out), args.overwrite)
+    loras, hypernetworks = [parse_weighted(s) for s in args.lora], [parse_weighted(s) for s in args.hypernetwork]
     base = load_base(args.base)
     pipe = base.pipeline()
-    attach_loras(pipe, base, [parse_weighted(s) for s in args.lora])
-    attach_hypernetworks(pipe, base, [parse_weighted(s) for s in args.hypernetwork])
+    attach_loras(pipe, base, loras)
+    attach_hypernetworks(pipe, base, hypernetworks)
     attach_embeddings(pipe, base, args.embedding)
     images = generate(pipe, args.prompt, negative_prompt=args.negative, steps=args.steps,
                       guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.n)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, cols=args.n).save(out)
+    with atomic_path(out) as tmp:
+        make_grid(images, cols=args.n).save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
     print(f"wrote {out}")
     return 0
+
+
+def check_image_out(out: Path, overwrite: bool) -> Path:
+    """The picture `dreamloom sample` writes: checked before any image is generated."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise DreamloomError(f"--out '{out}' is a folder; give a file name such as {out / 'samples.png'}.")
+    if out.exists() and not overwrite:
+        raise DreamloomError(f"'{out}' already exists; choose another --out or pass --overwrite.")
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise DreamloomError(f"--out '{out}': '{out.suffix or '(no suffix)'}' is not an image type; end the name "
+                             "with .png (lossless, the default), .jpg or .webp.")
+    check_writable_folder(out.parent, "--out's folder")
+    return out
 
 
 def cmd_export(args) -> int:
     from .trainers.run import export_run
 
-    for path in export_run(args.run, args.format or None, overwrite=args.overwrite):
+    for path in export_run(args.run, args.format or None, overwrite=args.overwrite, step=args.step):
         print(f"export: {path}")
     return 0
 
@@ -87,14 +106,10 @@ def cmd_estimate(args) -> int:
     return 0
 
 
-def studio_home(args) -> Path:
-    return Path(args.home or os.environ.get("DREAMLOOM_HOME") or Path.home() / ".dreamloom")
-
-
 def cmd_jobs(args) -> int:
     from .jobs.queue import JobQueue
 
-    queue = JobQueue(studio_home(args))
+    queue = JobQueue(studio_home(args.home))
     if args.action == "submit":
         from .recipes import resolve_recipe
         from .trainers.run import check_run_inputs
@@ -102,8 +117,9 @@ def cmd_jobs(args) -> int:
         if not args.recipe:
             raise DreamloomError("`dreamloom jobs submit RECIPE --data FOLDER`: name a recipe.")
         recipe = resolve_recipe(args.recipe, args.set, _shortcut_values(args))
-        check_run_inputs(recipe)
-        print(f"job {queue.submit(recipe, args.out or queue.home / 'runs')} queued")
+        out = args.out or queue.home / "runs"
+        check_run_inputs(recipe, out)
+        print(f"job {queue.submit(recipe, out)} queued")
     elif args.action == "list":
         for job in queue.jobs():
             print(f"{job.id:>4}  {job.state:9s}  {job.name:24s}  {job.run_dir or '-'}")
@@ -146,7 +162,7 @@ def cmd_studio(args) -> int:
     import signal
     import subprocess
 
-    home = studio_home(args)
+    home = studio_home(args.home)
     home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, DREAMLOOM_HOME=str(home))
     # Its own session: Ctrl-C reaches only the server, and the worker is stopped below, quietly.
@@ -173,6 +189,14 @@ def cmd_studio(args) -> int:
                 proc.terminate()
         for proc in (worker, server):
             proc.wait()
+
+
+def cmd_doctor(args) -> int:
+    from .doctor import format_report, report
+
+    checks = report()
+    print(format_report(checks))
+    return 1 if any(c.level == "problem" for c in checks) else 0
 
 
 def cmd_demo(args) -> int:
@@ -242,6 +266,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small: at least 1")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dreamloom", description="Personalization fine-tuning for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeatable: one grid row per prompt")
     p.add_argument("--negative", default="")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=positive_int, default=25)
+    p.add_argument("--guidance", type=finite_float, default=7.5)
+    p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sample)
@@ -282,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--format", action="append", help="one of the run's method's formats (default: the recipe's export.formats)")
     p.add_argument("--overwrite", action="store_true", help="replace existing export files")
+    p.add_argument("--step", type=positive_int, help="export this checkpoint's step (default: the latest)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recipes", help="list built-in recipes, or print one as TOML")
@@ -347,33 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dino", help="with --clip: a DINO ViT (local folder or cached hub id) for the DINO score")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("doctor", help="the libraries, devices and disk this installation has, and known breaks")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("demo", help="train toy-lora on four crescents (a shape the toy base never saw) and sample it")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(func=cmd_demo)
     return parser
 
 
-def quiet_libraries() -> None:
-    """Keep the terminal for dreamloom's own output: the libraries' import-time notices (no
-    torchvision, no optional CPU kernels, no text-encoder keys in a UNet-only LoRA) are noise
-    to a user. Setting the variables yourself brings them back."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # our own bar is the one that matters
-
-
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except TrainingStopped as exc:
-        print(str(exc), file=sys.stderr)
-        return TrainingStopped.exit_code
-    except DreamloomError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ import json
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .errors import BaseModelError, RecipeError
+from .atomic import atomic_write
+from .errors import RecipeError
 
 GiB = 2**30
 # The CUDA context and cuBLAS/cuDNN kernels take ~0.3-0.5 GiB on CUDA 12 (lazy loading): they count against the
@@ -100,38 +100,6 @@ def _hints(recipe) -> dict[str, list[str]]:
         for key in keys if applies else ():
             hints.setdefault(key, []).append(hint)
     return hints
-
-
-def base_arch(spec: str):
-    """The architecture of tiny, toy, random:<arch>, a local folder or checkpoint, read without loading weights."""
-    from .models.configs import ARCHS, arch_for_text_width
-
-    known, path = ", ".join(["tiny", "toy"] + [f"random:{n}" for n in ARCHS if n != "tiny"]), Path(spec).expanduser()
-    if spec in ("tiny", "toy") or spec.startswith("random:"):
-        if spec.removeprefix("random:") not in ARCHS or spec == "random:tiny":
-            raise BaseModelError(f"unknown architecture '{spec}'; estimate knows {known} (or a local SD 1.x/2.x model).")
-        arch = ARCHS[spec.removeprefix("random:")]
-    elif (path / "unet" / "config.json").is_file():  # a diffusers folder
-        width = json.loads((path / "unet" / "config.json").read_text()).get("cross_attention_dim")
-        if (arch := arch_for_text_width(width)) is None:
-            raise BaseModelError(f"base model '{spec}': a UNet of text width {width} is no known architecture ({known}).")
-    elif path.is_file() and path.suffix.lower() in (".safetensors", ".ckpt"):
-        from .models.single_file import detect_arch, read_header
-        arch = detect_arch(path, read_header(path)[0])
-    else:
-        raise BaseModelError(f"base model '{spec}' is no known architecture ({known}), diffusers folder or .safetensors/"
-                             ".ckpt file; estimate never downloads, so for a hub id pass --base with its architecture.")
-    return arch
-
-
-def _meta_base(spec: str):
-    """The base on the meta device (no weights read or allocated)."""
-    from .models.base import build_random
-
-    arch = base_arch(spec)
-    base = build_random(arch, meta=True)
-    [m.to("meta") for m in (base.unet, base.vae, base.text_encoder)]  # buffers too, which init_empty_weights leaves on the CPU
-    return base, arch.name
 
 
 _LOW = {F.linear, F.conv1d, F.conv2d, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm,
@@ -243,8 +211,9 @@ def _optimizer_bytes(train, params: list, names: dict[int, str]) -> tuple[int, i
 
 def estimate(recipe, base_spec: str | None = None, resolution: int | None = None, *, use_cache: bool = True) -> Estimate:
     """Predicted peak GPU memory of training `recipe` on `base_spec` (default: the recipe's base)."""
-    from .models.base import load_base
-    from .trainers.data import cache_root
+    from .models import load_base, spec_arch
+    from .models.base import meta_base
+    from .paths import cache_root
     from .trainers.loop import cast_for_precision
     from .trainers.registry import get_method
     spec, res, t = base_spec or recipe.base.model, resolution or recipe.data.resolution, recipe.train
@@ -252,7 +221,7 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
         raise RecipeError(f"resolution {res}: it must be a multiple of 8, at least 32.")
     precision = {"auto": "bf16", "no": "fp32"}.get(t.mixed_precision, t.mixed_precision)
     dtype, batch, bf16_weights = DTYPES[precision], t.batch_size * (2 if recipe.prior.enabled else 1), t.weights_dtype == "bf16"
-    base, arch_key = _meta_base(spec)
+    base, arch_key = meta_base(spec), spec_arch(spec).name
     method = get_method(recipe.method)(recipe)
     trained = list({id(p): p for g in method.prepare(base) for p in g["params"]}.values())
     cast_for_precision(base, dtype, keep_trained=bf16_weights)
@@ -283,8 +252,7 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
             cache[key] = measure_activations(real, method, res, batch, dtype, t.gradient_checkpointing)
         if use_cache:  # written whole, then renamed: a concurrent estimate never reads half a file
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".tmp").write_text(json.dumps(cache, indent=1, sort_keys=True))
-            path.with_suffix(".tmp").replace(path)
+            atomic_write(path, json.dumps(cache, indent=1, sort_keys=True))
     notes.insert(0, f"activations: {'a cached measurement' if hit else 'measured now'} on {cache[key]['device']} ({path})")
     notes += ["mixed_precision 'auto' taken as bf16 (fp16 GPUs need the same memory)"] * (t.mixed_precision == "auto") + [
         "not counted: VAE encoding when latents are not cached; validation samples (between steps, no activations)"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dreamloom.atomic import atomic_path
 from dreamloom.datasets.images import load_image
 from dreamloom.datasets.scan import DataItem
 
@@ -89,12 +88,5 @@ class LatentCache:
         return tensor if tensor.ndim == 3 and tensor.dtype == torch.float32 else None
 
     def _write(self, path: Path, moments: torch.Tensor) -> None:
-        # Temp file + os.replace: a crash or a parallel writer never leaves half a file.
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({_KEY: moments}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:  # a crash or a parallel writer never leaves half a file
+            save_file({_KEY: moments}, str(tmp))

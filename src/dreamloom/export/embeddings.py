@@ -11,13 +11,13 @@ Other UIs take the prompt word from the file name, so every embedding file is na
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..errors import AdapterError
 from .files import cast, refuse_overwrite, write_safetensors
 
@@ -53,9 +53,8 @@ def save_a1111_pt(path: Path, vectors: torch.Tensor, info: dict, dtype: str = "f
     data = {"string_to_token": {"*": A1111_STAR_TOKEN}, "string_to_param": cast({"*": vectors}, dtype),
             "name": info["name"], "step": int(info["step"]), "sd_checkpoint": info["sd_checkpoint"],
             "sd_checkpoint_name": info["sd_checkpoint_name"]}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
     return path
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save
 
+from ..atomic import atomic_write
 from ..errors import DreamloomError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -37,8 +37,4 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
                       overwrite: bool = False) -> Path:
     refuse_overwrite(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = save(tensors, metadata={k: str(v) for k, v in metadata.items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, save(tensors, metadata={k: str(v) for k, v in metadata.items()}))

@@ -11,7 +11,6 @@ ComfyUI loads a `.safetensors` hypernetwork as an empty no-op. See shared FORMAT
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .. import __version__
+from ..atomic import atomic_path
 from ..errors import AdapterError
 from ..models.hypernetwork import PORTABLE_ACTIVATIONS, Hypernetwork, HypernetworkConfig
 from .files import cast, refuse_overwrite, write_safetensors
@@ -49,9 +49,8 @@ def save_hypernetwork_pt(path: Path, network: Hypernetwork, info: dict, dtype: s
     data = {int(w): (cast(pair[0].state_dict(), dtype), cast(pair[1].state_dict(), dtype))
             for w, pair in network.items()}
     data.update(a1111_fields(network, info))
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
     return path
 
 

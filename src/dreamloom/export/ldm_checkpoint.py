@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..atomic import atomic_write
 from ..models.tokenizer import builtin_vocab_size
 from .files import cast, refuse_overwrite, write_safetensors
 
@@ -234,7 +235,5 @@ def save_single_file(base, path: Path, *, dtype: str = "fp16", metadata: dict[st
         meta["dreamloom.tokenizer"] = "builtin"  # the reader must not look for the CLIP vocabulary
     write_safetensors(path, cast(tensors, dtype), meta, overwrite=overwrite)
     if yaml_path is not None:
-        tmp = yaml_path.with_name(f".{yaml_path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(v2_inference_yaml(base), sort_keys=False))
-        tmp.replace(yaml_path)
+        atomic_write(yaml_path, yaml.safe_dump(v2_inference_yaml(base), sort_keys=False))
     return path

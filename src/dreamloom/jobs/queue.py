@@ -3,8 +3,10 @@ only submits and reads), the CLI and any number of workers (which claim jobs ato
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
+import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from ..errors import DreamloomError
 from ..recipes import Recipe, dump_recipe
+from .recovery import damage, jobs_from_runs, set_aside
 
 STATES = ("queued", "running", "finished", "failed", "cancelled")
 
@@ -33,6 +36,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished REAL
 )
 """
+
+
+NOTICES = "CREATE TABLE IF NOT EXISTS notices (created REAL NOT NULL, message TEXT NOT NULL)"
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,35 @@ class JobQueue:
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.path = self.home / "jobs.db"
-        with closing(self._connect()) as db, db:
-            db.execute("PRAGMA journal_mode=WAL")  # readers never block the workers
-            db.execute(SCHEMA)
+        with open(self.home / ".jobs.lock", "a") as lock:  # one process checks (and repairs) at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            reason = damage(self.path)
+            if reason is not None:
+                aside = set_aside(self.path)
+            with closing(self._connect()) as db, db:
+                db.execute("PRAGMA journal_mode=WAL")  # readers never block the workers
+                db.execute(SCHEMA)
+                db.execute(NOTICES)
+            if reason is not None:
+                self._repair(reason, aside)
+
+    def _repair(self, reason: str, aside: Path) -> None:
+        rows = jobs_from_runs(self.home / "runs")
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")
+            for row in rows:
+                db.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            message = (f"the job queue {self.path} was damaged ({reason}); it was kept as {aside.name} and a new "
+                       f"one made, listing the {len(rows)} run(s) found in {self.home / 'runs'} (failed or "
+                       "unfinished ones can be resumed). Nothing in the run directories was touched.")
+            db.execute("INSERT INTO notices (created, message) VALUES (?, ?)", (time.time(), message))
+            db.execute("COMMIT")
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def notices(self) -> list[str]:
+        """What the queue has had to tell its users (a repair), newest first."""
+        with closing(self._connect()) as db:
+            return [row["message"] for row in db.execute("SELECT message FROM notices ORDER BY created DESC")]
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)

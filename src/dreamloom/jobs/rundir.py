@@ -12,13 +12,13 @@ resume all read.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from datetime import datetime
 from pathlib import Path
 
 from .. import __version__
+from ..atomic import atomic_write
 from ..errors import DreamloomError
 from ..recipes import Recipe, dump_recipe, recipe_from_file
 
@@ -41,8 +41,8 @@ class RunDir:
             path = out_root / f"{recipe.name}-{stamp}-{n}"
         path.mkdir(parents=True)
         run = cls(path)
-        atomic_write_text(path / "recipe.toml", dump_recipe(recipe))
-        atomic_write_text(path / MARKER, json.dumps({"dreamloom": __version__, "created": time.time()}))
+        atomic_write(path / "recipe.toml", dump_recipe(recipe))
+        atomic_write(path / MARKER, json.dumps({"dreamloom": __version__, "created": time.time()}))
         return run
 
     @classmethod
@@ -58,7 +58,7 @@ class RunDir:
     def write_manifest(self, items) -> None:
         """Which images and captions this run trained on (exports read it for tag counts)."""
         manifest = [{"file": str(i.path), "sha256": i.sha256, "caption": i.caption} for i in items]
-        atomic_write_text(self.path / "dataset.json", json.dumps(manifest, indent=1))
+        atomic_write(self.path / "dataset.json", json.dumps(manifest, indent=1))
 
     def dataset_manifest(self) -> list[dict]:
         path = self.path / "dataset.json"
@@ -100,6 +100,9 @@ class RunDir:
                 continue
         return out
 
+    def is_finished(self) -> bool:
+        return any(e["event"] == "end" for e in self.events())
+
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"
 
@@ -119,11 +122,11 @@ class RunDir:
     def prune_checkpoints(self, keep: int) -> None:
         for step in self.checkpoint_steps()[:-keep]:
             shutil.rmtree(self.checkpoint_dir(step), ignore_errors=True)
-        for tmp in self.checkpoints.glob(".tmp-*"):  # left by a run killed mid-write
+        self.remove_partial_checkpoints()
+
+    def remove_partial_checkpoints(self) -> None:
+        """Checkpoint folders a kill or a full disk left half-written (never the latest whole one)."""
+        for tmp in self.checkpoints.glob(".tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -1,5 +1,6 @@
-"""A worker: takes jobs from the queue one at a time and runs each as a `dreamloom train`
-process on its device. A job whose worker died is resumed from its checkpoint by the next one."""
+"""A worker: takes jobs from the queue one at a time, makes each job's run directory (once: a rerun
+uses the same one) and trains it in a `python -m dreamloom.trainers RUN` process on its device. A
+job whose worker died is resumed from its checkpoint by the next one."""
 
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import TrainingStopped
-from ..jobs import RunDir
+from ..errors import DreamloomError, TrainingStopped
+from ..recipes.io import recipe_from_text
+from .rundir import MARKER, RunDir
 from .queue import Job, JobQueue
-
-RUN_DIR_LINE = "run directory: "
-
 
 def _die_with_parent() -> None:
     """In the trainer: receive SIGTERM when the worker dies, so it checkpoints and stops instead
@@ -31,37 +30,45 @@ def job_log(queue: JobQueue, job_id: int) -> Path:
     return queue.home / "logs" / f"job-{job_id}.log"
 
 
-def train_command(queue: JobQueue, job: Job) -> list[str]:
-    base = [sys.executable, "-m", "dreamloom", "train"]
-    if job.run_dir and RunDir.open(job.run_dir).latest_checkpoint() is not None:
-        return base + ["--resume", job.run_dir]
-    recipe = queue.home / "recipes" / f"job-{job.id}.toml"
-    recipe.parent.mkdir(parents=True, exist_ok=True)
-    recipe.write_text(job.recipe)
-    return base + [str(recipe), "--out", job.out_root]
+def job_run(queue: JobQueue, job: Job) -> RunDir:
+    """The job's run directory: made the first time the job runs and recorded at once, so that a
+    rerun (after a crash before the first checkpoint, a cancel, a dead worker) trains in it again."""
+    if job.run_dir and (Path(job.run_dir) / MARKER).is_file():
+        return RunDir.open(job.run_dir)
+    run = RunDir.create(job.out_root, recipe_from_text(job.recipe, f"of job {job.id}"))
+    queue.update(job.id, run_dir=str(run.path))
+    return run
+
+
+def train_command(run: RunDir) -> list[str]:
+    return [sys.executable, "-m", "dreamloom.trainers", str(run.path)]
 
 
 def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5) -> str:
     """Run one claimed job to its end; returns its final state."""
     log = job_log(queue, job.id)
     log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run = job_run(queue, job)
+    except (DreamloomError, OSError) as exc:  # a recipe this version cannot read, an unwritable folder
+        queue.finish(job.id, "failed", str(exc))
+        return "failed"
+    if run.is_finished():  # its trainer ended but the worker died before it could say so
+        queue.finish(job.id, "finished")
+        return "finished"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     with open(log, "a") as out:
-        out.write(f"--- worker {os.getpid()} starts job {job.id} ---\n")
+        out.write(f"--- worker {os.getpid()} starts job {job.id} in {run.path} ---\n")
         out.flush()
-        proc = subprocess.Popen(train_command(queue, job), stdout=out, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(train_command(run), stdout=out, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=_die_with_parent)
     queue.update(job.id, trainer_pid=proc.pid)
     asked_to_stop = False
     while proc.poll() is None:
         time.sleep(poll)
         current = queue.get(job.id)
-        if current.run_dir is None:
-            for line in log.read_text().splitlines():
-                if line.startswith(RUN_DIR_LINE):
-                    queue.update(job.id, run_dir=line.removeprefix(RUN_DIR_LINE).strip())
         if current.cancel_requested and not asked_to_stop:
             proc.send_signal(signal.SIGTERM)  # the trainer checkpoints, then exits
             asked_to_stop = True

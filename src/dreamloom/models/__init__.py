@@ -1,4 +1,5 @@
-from .base import Base, build_random, check_base_spec, load_base
+from .base import Base, build_random, load_base
 from .configs import ARCHS, Arch
+from .specs import parse_base_spec, spec_arch
 
-__all__ = ["ARCHS", "Arch", "Base", "build_random", "check_base_spec", "load_base"]
+__all__ = ["ARCHS", "Arch", "Base", "build_random", "load_base", "parse_base_spec", "spec_arch"]

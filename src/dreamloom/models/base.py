@@ -1,14 +1,13 @@
 """Base models: what every method trains on top of, from whichever source the user names.
 
-A spec is one of: `tiny`, `toy` (the pretrained toy-world base), `random:<arch>` (full-size architecture, random weights), a local
-diffusers folder, a local single-file checkpoint (`.safetensors`, `.ckpt`), or a hub id.
+Specs (`tiny`, `toy`, `random:<arch>`, a diffusers folder, a single file, a hub id) are parsed in
+`specs.py`.
 Loading never makes a silent network call that can hang a run: a hub id that cannot be
 reached ends in an error telling the user to pass a local folder or file.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,11 +20,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..errors import BaseModelError
 from .configs import ARCHS, SD_SCHEDULER, Arch, arch_for_text_width
+from .specs import parse_base_spec, spec_arch
 from .tokenizer import build_tokenizer, builtin_vocab_size
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-
 
 @dataclass
 class Base:
@@ -100,6 +96,15 @@ def build_random(arch: Arch, seed: int = 0, meta: bool = False) -> Base:
                 dict(SD_SCHEDULER, prediction_type=arch.prediction_type))
 
 
+def meta_base(spec: str) -> Base:
+    """The base a spec names, built on the meta device from its architecture: names and shapes,
+    no weights read or allocated (checks before a run exists, the memory estimate)."""
+    base = build_random(spec_arch(spec), meta=True)
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.to("meta")  # buffers too, which init_empty_weights leaves on the CPU
+    return base
+
+
 def _from_pipeline(spec: str, pipe: StableDiffusionPipeline) -> Base:
     width = pipe.unet.config.cross_attention_dim
     arch = arch_for_text_width(width)
@@ -144,41 +149,19 @@ def _load_hub(spec: str) -> Base:
 
 def load_base(spec: str) -> Base:
     """Load the base model a recipe names. Raises BaseModelError with the fix on failure."""
+    parsed = parse_base_spec(spec)
     if spec == "tiny":
         return build_random(ARCHS["tiny"])
     if spec == "toy":
         from ..toy.base import load_toy_base
 
         return load_toy_base()
-    if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        if name not in ARCHS or name == "tiny":
-            known = ", ".join(f"random:{n}" for n in ARCHS if n != "tiny")
-            raise BaseModelError(f"unknown random architecture '{spec}'; known: {known}.")
-        return build_random(ARCHS[name])
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return _load_folder(spec, path)
-    if path.is_file():
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise BaseModelError(
-                f"base model file '{path}' is not a checkpoint: expected .safetensors or .ckpt."
-            )
+    if parsed.kind == "random":
+        return build_random(spec_arch(parsed))
+    if parsed.kind == "folder":
+        return _load_folder(spec, parsed.path)
+    if parsed.kind == "file":
         from .single_file import load_single_file
 
-        return _from_pipeline(spec, load_single_file(path))
-    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
-        return _load_hub(spec)
-    raise BaseModelError(
-        f"base model '{spec}' not found: no such file or folder. Pass `tiny`, `random:sd15`, "
-        "a diffusers folder, a .safetensors/.ckpt file, or a hub id like org/name."
-    )
-
-
-def check_base_spec(spec: str) -> None:
-    """Cheap check of a spec before any heavy work: local paths must exist."""
-    if spec in ("tiny", "toy") or spec.startswith("random:") or Path(spec).expanduser().exists():
-        return
-    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
-        return
-    load_base(spec)  # raises the same error the full load would
+        return _from_pipeline(spec, load_single_file(parsed.path))
+    return _load_hub(spec)

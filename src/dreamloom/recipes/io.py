@@ -129,7 +129,11 @@ def resolve_recipe(name_or_path: str, overrides: list[str] = (), values: dict[st
 
 
 def recipe_from_file(path: Path) -> Recipe:
-    return validate(_parse(path.read_text(), f"'{path}'"), f"'{path}'")
+    return recipe_from_text(path.read_text(), f"'{path}'")
+
+
+def recipe_from_text(text: str, source: str) -> Recipe:
+    return validate(_parse(text, source), source)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+from ..errors import AdapterError
 from .embeddings import load_embedding, read_bundle
 from .lora_files import check_lora_fits, resolve_lora_path
 
@@ -29,12 +31,20 @@ def attach_loras(pipe, base, loras: list[tuple[str | Path, float]]) -> None:
         pipe.set_adapters(names, adapter_weights=scales)
 
 
+MAX_STRENGTH = 10.0  # ComfyUI's sliders go further, but beyond this pictures are noise, not style
+
+
 def parse_weighted(spec: str) -> tuple[str, float]:
-    """`path:0.8` -> (path, 0.8); a bare path means strength 1.0."""
-    path, sep, scale = spec.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
+    """`path:0.8` -> (path, 0.8); a bare path means strength 1.0. A strength that is not a finite
+    number within +-MAX_STRENGTH is refused (NaN would silently draw garbage)."""
+    path, sep, text = spec.rpartition(":")
+    if not (sep and path):
+        return spec, 1.0
+    try:
+        strength = float(text)
+    except ValueError:
+        return spec, 1.0  # a ':' inside the path itself
+    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+        raise AdapterError(f"'{spec}': strength {text!r} must be a finite number from -{MAX_STRENGTH:g} to "
+                           f"{MAX_STRENGTH:g} (1 is as trained, 0 is off), e.g. {path}:0.8.")
+    return path, strength

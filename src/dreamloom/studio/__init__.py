@@ -3,14 +3,11 @@ which hold the logic and are tested without Streamlit. It never trains: jobs go 
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
+from ..paths import studio_home
 
-def studio_home() -> Path:
-    """The studio's home folder; `dreamloom studio --home` passes it on as DREAMLOOM_HOME."""
-    return Path(os.environ.get("DREAMLOOM_HOME") or Path.home() / ".dreamloom")
+__all__ = ["literal", "studio_home"]
 
 
 def literal(text: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from dreamloom.cli import quiet_libraries
+from dreamloom.shell import quiet_libraries
 
 quiet_libraries()  # before the pages import diffusers and transformers
 PAGES = Path(__file__).parent / "pages"
@@ -17,6 +17,7 @@ navigation = st.navigation([
     st.Page(PAGES / "train.py", title="Train", icon=":material/model_training:"),
     st.Page(PAGES / "jobs.py", title="Jobs", icon=":material/monitoring:"),
     st.Page(PAGES / "library.py", title="Library", icon=":material/download:"),
+    st.Page(PAGES / "about.py", title="About", icon=":material/info:"),
 ])
 st.sidebar.caption("dreamloom: teach Stable Diffusion a subject or a style from a few pictures.")
 navigation.run()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..atomic import atomic_write
 from ..datasets import SUPPORTED_SUFFIXES
 from ..datasets.images import open_oriented, to_rgb
 from ..errors import DatasetError
@@ -90,9 +91,7 @@ def write_settings(folder: Path, settings: DatasetSettings) -> None:
     if not trigger or len(trigger.split()) > 1:
         raise DatasetError("The trigger must be one word (e.g. sks): it is the new word that names your subject.")
     text = json.dumps({"trigger": trigger, "class_word": settings.class_word.strip()}, indent=1)
-    tmp = folder / f".{SETTINGS_FILE}.tmp"
-    tmp.write_text(text)
-    tmp.replace(folder / SETTINGS_FILE)
+    atomic_write(folder / SETTINGS_FILE, text)
 
 
 def image_paths(folder: Path) -> list[Path]:

@@ -101,11 +101,3 @@ def download_bytes(export: Export) -> bytes:
         for file in sorted(p for p in export.path.rglob("*") if p.is_file()):
             archive.write(file, file.relative_to(export.path.parent).as_posix())
     return out.getvalue()
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"

@@ -32,8 +32,8 @@ def run_progress(run_dir: str | Path | None) -> RunProgress:
     steps = []
     for event in events:
         kind = event.get("event")
-        if kind == "start":
-            total = event.get("steps")
+        if kind == "start":  # a new attempt: what an earlier one failed with is history
+            total, error = event.get("steps"), None
         elif kind == "step":
             steps.append(event)
         elif kind == "sample" and Path(event.get("path", "")).is_file():

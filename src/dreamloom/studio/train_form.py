@@ -17,7 +17,7 @@ from ..recipes.schema import BaseSection
 from .uploads import clean_name
 
 DEFAULT_METHOD = "lora"
-SAVED_RECIPES = "saved-recipes"  # under the home; <home>/recipes/ is the workers' own
+SAVED_RECIPES = "saved-recipes"  # under the home
 DEFAULT_BASE = "toy"  # pretrained: real pictures, and it trains on a laptop CPU in minutes
 FALLBACK_BASE = "tiny"
 BUILTIN_BASES = [DEFAULT_BASE, FALLBACK_BASE] + [f"random:{name}" for name in ARCHS if name != "tiny"]

@@ -14,11 +14,14 @@ import re
 import stat
 import unicodedata
 import zipfile
+import zlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from ..atomic import atomic_path
 from ..datasets import SUPPORTED_SUFFIXES
 from ..datasets.images import open_oriented
 from ..errors import DatasetError
@@ -131,8 +134,13 @@ def zip_members(name: str, data: bytes, limits: UploadLimits = LIMITS) -> list[A
     images, captions = [], {}
     for info in infos:
         stem, suffix = os.path.splitext(info.filename.replace("\\", "/"))
-        with archive.open(info) as member:  # read no more than the header declares (and we allowed)
-            content = member.read(info.file_size + 1)
+        try:
+            with archive.open(info) as member:  # read no more than the header declares (and we allowed)
+                content = member.read(info.file_size + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            problems.append(f"{name}: '{info.filename}' is damaged ({exc}); the zip is corrupt (an interrupted "
+                            "download or copy?): make or download it again")
+            continue
         if suffix.lower() == CAPTION_SUFFIX and info.file_size <= MAX_CAPTION_BYTES:
             captions[stem] = content
             continue
@@ -176,7 +184,7 @@ def save_uploads(folder: Path, uploads: list[tuple[str, bytes]], limits: UploadL
 
 
 def _write_all(folder: Path, accepted: list[Accepted]) -> list[Path]:
-    """Temp files first, renamed into place only once all are written (a full disk adds nothing)."""
+    """All files or none (a full disk adds nothing); a name already taken gets -2, -3, ..."""
     folder.mkdir(parents=True, exist_ok=True)
     taken = {p.stem for p in folder.iterdir()}  # by stem: dog.png and dog.jpg would share dog.txt
     planned: list[tuple[Path, bytes]] = []
@@ -190,14 +198,10 @@ def _write_all(folder: Path, accepted: list[Accepted]) -> list[Path]:
         planned.append((folder / f"{unique}{suffix}", item.data))
         if item.caption:
             planned.append((folder / f"{unique}{CAPTION_SUFFIX}", item.caption.encode()))
-    temps = [path.with_name(f".upload-{path.name}.tmp") for path, _ in planned]
-    try:
-        for (_, data), tmp in zip(planned, temps):
-            tmp.write_bytes(data)
+    try:  # temp files (created exclusively, never through a planted link) renamed only once all are written
+        with ExitStack() as stack:
+            for path, data in planned:
+                stack.enter_context(atomic_path(path)).write_bytes(data)
     except OSError as exc:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
         raise DatasetError(f"Nothing was added: could not write into {folder} ({exc.strerror or exc}).") from None
-    for (path, _), tmp in zip(planned, temps):
-        os.replace(tmp, path)
     return [path for path, _ in planned if path.suffix != CAPTION_SUFFIX]

@@ -57,8 +57,7 @@ def run_benchmark(methods: list[str], subjects: list[str], out: Path, settings: 
         columns = {}
         for method in methods:
             runs = out / "runs" / shape / method
-            done = [p for p in sorted(runs.glob("*")) if any(e["event"] == "end" for e in RunDir.open(p).events())] \
-                if runs.is_dir() else []
+            done = [p for p in sorted(runs.glob("*")) if RunDir.open(p).is_finished()] if runs.is_dir() else []
             if done:
                 run_path = done[-1]
             else:

@@ -249,10 +249,10 @@ def training_images(run) -> list[Image.Image]:
 
 
 def _on_toy_arch(spec: str) -> bool:
-    from ..estimate import base_arch
+    from ..models import spec_arch
 
     try:
-        return base_arch(spec).name == "toy"
+        return spec_arch(spec).name == "toy"
     except BaseModelError:  # a hub id, or no longer on disk: not a toy base either way
         return False
 

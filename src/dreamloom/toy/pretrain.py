@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_dir
 from ..models.base import build_random
 from ..models.configs import ARCHS
 from .base import save_toy_base
@@ -88,14 +89,14 @@ STAGES = ({}, {"train.steps": 3000, "train.learning_rate": 3e-4, "train.lr_warmu
           {"train.steps": 3000, "train.learning_rate": 2e-4, "train.lr_warmup_steps": 50, "train.seed": 2})
 
 
-def _finished_run(runs: Path, values: dict, overrides: list[str]):
-    """The stage's finished run: resumed if it was killed, started if there is none."""
+def _stage_run(runs: Path, values: dict, overrides: list[str]):
+    """The stage's run, trained to its end: resumed if it was killed, started if there is none."""
     from ..jobs.rundir import RunDir
     from ..recipes import resolve_recipe
     from ..trainers.run import resume_run, start_run
 
     existing = sorted(runs.glob("*")) if runs.is_dir() else []
-    if existing and not any(e["event"] == "end" for e in RunDir.open(existing[-1]).events()):
+    if existing and not RunDir.open(existing[-1]).is_finished():
         return resume_run(existing[-1])[0]
     if existing:
         return RunDir.open(existing[-1])
@@ -115,16 +116,14 @@ def pretrain(out: Path, images: int = 16000, vae_steps: int = 1500, steps: int |
     if not (init / "model_index.json").is_file():
         base = build_random(ARCHS["toy"], seed=seed)
         base.vae = train_vae(vae_steps, seed=seed)
-        tmp = out / ".init.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        base.pipeline().save_pretrained(tmp)
-        tmp.rename(init)
+        with atomic_dir(init) as tmp:
+            base.pipeline().save_pretrained(tmp)
     start = init
     for i, stage in enumerate(STAGES, 1):
         values = {"data.path": str(data), "train.seed": seed, **stage, "base.model": str(start)}
         if steps is not None:
             values["train.steps"] = steps
-        run = _finished_run(out / f"runs-{i}", values, overrides)
+        run = _stage_run(out / f"runs-{i}", values, overrides)
         start = run.exports / "diffusers"
     base = load_base(str(start))
     shutil.copytree(start, out / "base", dirs_exist_ok=True)

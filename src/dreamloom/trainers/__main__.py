@@ -1,12 +1,11 @@
-"""`python -m dreamloom.trainers RUN_DIR` (or under `accelerate launch -m` for several GPUs):
-continue a run directory that `dreamloom train` or the studio made, from its latest checkpoint."""
+"""`python -m dreamloom.trainers RUN_DIR` (or under `accelerate launch -m` for several GPUs): train
+a run directory that `dreamloom train`, the studio or the job queue made, from its latest
+checkpoint, or from the start if it has none yet."""
 
 import argparse
 import sys
 
-from ..cli import quiet_libraries
-from ..errors import DreamloomError, TrainingStopped
-from .run import resume_run
+from ..shell import quiet_libraries, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,15 +13,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="run directory")
     args = parser.parse_args(argv)
     quiet_libraries()
-    try:
-        resume_run(args.run)
-    except TrainingStopped as exc:
-        print(str(exc), file=sys.stderr)
-        return TrainingStopped.exit_code
-    except DreamloomError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def train() -> int:
+        from .run import train_run
+
+        run, exports = train_run(args.run)
+        print(f"finished: {run.path}")
+        for path in exports:
+            print(f"export: {path}")
+        return 0
+
+    return run_command(train)
 
 
 if __name__ == "__main__":

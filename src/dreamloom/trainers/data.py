@@ -3,17 +3,11 @@ the batches, noise and timesteps an uninterrupted one would have."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
 from ..datasets import DataItem, LatentCache, load_image, module_fingerprint, sample_latents
+from ..paths import cache_root
 from .method import Batch
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DREAMLOOM_CACHE", Path.home() / ".cache" / "dreamloom"))
 
 
 def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from pathlib import Path
 
+from ..atomic import atomic_dir
 from ..export.files import DTYPES, refuse_overwrite
 from ..export.ldm_checkpoint import save_single_file
 from .method import Method, ParamGroups, unwrap
@@ -62,16 +62,12 @@ class DreamboothMethod(Method):
         if "diffusers" in formats:
             folder = run.exports / "diffusers"
             refuse_overwrite(folder, overwrite)
-            tmp = run.exports / ".diffusers.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
             dtype = DTYPES[self.recipe.export.dtype]
             # Cast copies where the dtype differs: the trained model itself must stay as it is.
             parts = {part: getattr(base, part) for part in ("unet", "vae", "text_encoder")}
             parts = {k: m if m.dtype == dtype else copy.deepcopy(m).to(dtype) for k, m in parts.items()}
-            dataclasses.replace(base, **parts).pipeline().save_pretrained(tmp)
+            with atomic_dir(folder) as tmp:
+                dataclasses.replace(base, **parts).pipeline().save_pretrained(tmp)
             del parts
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
             written.append(folder)
         return written

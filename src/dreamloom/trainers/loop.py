@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import resource
 import signal
 import threading
 import time
 import traceback
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -17,8 +18,9 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from ..datasets import load_items
-from ..errors import RecipeError, TrainingStopped
+from ..errors import DreamloomError, RecipeError, TrainingStopped
 from ..models import Base, load_base
+from ..paths import free_bytes, human_bytes
 from ..sampling import generate, make_grid
 from .checkpoint import load_checkpoint, register_hooks, save_checkpoint
 from .data import TrainingData
@@ -101,32 +103,49 @@ def save_samples(run, recipe, base: Base, step: int, accelerator: Accelerator) -
 
 
 class StopRequest:
-    """SIGTERM (a cancel from the job queue, the worker's death, `kill`) asks training to stop
-    after the current step, with a checkpoint, rather than losing the work since the last one."""
+    """SIGTERM (a cancel from the job queue, the worker's death, `kill`) and Ctrl-C ask training to
+    stop after the current step, with a checkpoint, rather than losing the work since the last one.
+    A second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)", flush=True)
         self.requested = True
 
     def close(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-def train(run, base: Base | None = None, items=None, resume: bool = False) -> list:
-    """Train the run's recipe to the end (resuming from its latest checkpoint if asked);
-    returns the exported files. Every event lands in the run's events.jsonl."""
+def train(run, base: Base | None = None, items=None) -> list:
+    """Train the run's recipe to the end, from its latest checkpoint if it has one; returns the
+    exported files. Every event lands in the run's events.jsonl."""
     stop = StopRequest()
     try:
-        return _train(run, base, items, resume, stop)
+        return _train(run, base, items, stop)
     except TrainingStopped as exc:
         run.log("stopped", message=str(exc))
         raise
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            run.log("error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            raise
+        run.remove_partial_checkpoints()
+        message = (f"no space left on the device of '{run.path}' ({human_bytes(free_bytes(run.path))} free). Free some "
+                   f"space, then continue with `dreamloom train --resume {run.path}`")
+        with suppress(OSError):  # the event log is on that full disk too
+            run.log("error", message=message)
+        raise DreamloomError(message) from None
     except BaseException as exc:
         run.log("error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         raise
@@ -134,7 +153,7 @@ def train(run, base: Base | None = None, items=None, resume: bool = False) -> li
         stop.close()
 
 
-def _train(run, base, items, resume, stop: StopRequest):
+def _train(run, base, items, stop: StopRequest):
     recipe = run.recipe()
     t = recipe.train
     items = items if items is not None else dataset_items(recipe)
@@ -192,7 +211,7 @@ def _train(run, base, items, resume, stop: StopRequest):
     register_hooks(accelerator, method, base, ema)
 
     start = 0
-    latest = run.latest_checkpoint() if resume else None
+    latest = run.latest_checkpoint()
     if latest is not None:
         start = load_checkpoint(accelerator, latest)
     method.before_step(base, start)
@@ -205,54 +224,56 @@ def _train(run, base, items, resume, stop: StopRequest):
     for module in modules:
         module.train()
     bar = tqdm(total=t.steps, initial=start, desc=recipe.name, disable=not accelerator.is_main_process)
-    last_time, last_step = time.perf_counter(), start
-    for step in range(start, t.steps):
-        torch.manual_seed(t.seed + step)  # dropout and the like: same per step after a resume
-        method.before_step(base, step)
-        step_loss = 0.0
-        for micro in range(t.gradient_accumulation):
-            last_micro = micro == t.gradient_accumulation - 1
-            if t.fused_backward:
-                optimizer.begin_step(step, last_micro)
-            with ExitStack() as stack:
-                if not last_micro:  # sync gradients across GPUs only once per step
-                    for module in modules:
-                        stack.enter_context(accelerator.no_sync(module))
-                batch = data.batch(step, micro)
-                if prior:
-                    batch = batch.with_prior(prior.batch(step, micro), recipe.prior.loss_weight)
-                loss = method.loss(base, batch) / t.gradient_accumulation
-                accelerator.backward(loss)
-            step_loss += loss.item()
-        if t.max_grad_norm and not t.fused_backward:  # the fused pass clips inside its hooks
-            accelerator.clip_grad_norm_(params, t.max_grad_norm)
-        lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema:
-            ema.step()
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
+    try:
+        last_time, last_step = time.perf_counter(), start
+        for step in range(start, t.steps):
+            torch.manual_seed(t.seed + step)  # dropout and the like: same per step after a resume
+            method.before_step(base, step)
+            step_loss = 0.0
+            for micro in range(t.gradient_accumulation):
+                last_micro = micro == t.gradient_accumulation - 1
+                if t.fused_backward:
+                    optimizer.begin_step(step, last_micro)
+                with ExitStack() as stack:
+                    if not last_micro:  # sync gradients across GPUs only once per step
+                        for module in modules:
+                            stack.enter_context(accelerator.no_sync(module))
+                    batch = data.batch(step, micro)
+                    if prior:
+                        batch = batch.with_prior(prior.batch(step, micro), recipe.prior.loss_weight)
+                    loss = method.loss(base, batch) / t.gradient_accumulation
+                    accelerator.backward(loss)
+                step_loss += loss.item()
+            if t.max_grad_norm and not t.fused_backward:  # the fused pass clips inside its hooks
+                accelerator.clip_grad_norm_(params, t.max_grad_norm)
+            lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema:
+                ema.step()
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
 
-        if done % t.log_every == 0 or done == t.steps:
-            now = time.perf_counter()
-            it_s = (done - last_step) / max(now - last_time, 1e-9)
-            run.log("step", step=done, loss=step_loss, lr=lr, it_s=round(it_s, 3),
-                    images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
-                    peak_mem_mb=round(peak_memory_mb(device), 1))
-            last_time, last_step = now, done
-        if done < t.steps and (stop.requested or (t.checkpoint_every and done % t.checkpoint_every == 0)):
-            path = save_checkpoint(accelerator, run, done, t.keep_checkpoints)
-            run.log("checkpoint", step=done, path=str(path))
-        if stop.requested and done < t.steps:
-            raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
-                                  f"continue with `dreamloom train --resume {run.path}`")
-        if t.sample_every and done % t.sample_every == 0 and done < t.steps and accelerator.is_main_process:
-            with ema.applied() if ema else nullcontext():
-                save_samples(run, recipe, base, done, accelerator)
-    bar.close()
+            if done % t.log_every == 0 or done == t.steps:
+                now = time.perf_counter()
+                it_s = (done - last_step) / max(now - last_time, 1e-9)
+                run.log("step", step=done, loss=step_loss, lr=lr, it_s=round(it_s, 3),
+                        images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
+                        peak_mem_mb=round(peak_memory_mb(device), 1))
+                last_time, last_step = now, done
+            if done < t.steps and (stop.requested or (t.checkpoint_every and done % t.checkpoint_every == 0)):
+                path = save_checkpoint(accelerator, run, done, t.keep_checkpoints)
+                run.log("checkpoint", step=done, path=str(path))
+            if stop.requested and done < t.steps:
+                raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
+                                      f"continue with `dreamloom train --resume {run.path}`")
+            if t.sample_every and done % t.sample_every == 0 and done < t.steps and accelerator.is_main_process:
+                with ema.applied() if ema else nullcontext():
+                    save_samples(run, recipe, base, done, accelerator)
+    finally:
+        bar.close()
     if t.fused_backward:
         optimizer.remove_hooks()
 

@@ -24,6 +24,11 @@ def make_optimizer(train, groups: ParamGroups) -> torch.optim.Optimizer:
     raise RecipeError(f"unknown optimizer '{train.optimizer}'")
 
 
+def check_precision(train) -> None:
+    """Refuse, before any run exists, a precision this machine cannot compute in."""
+    resolve_mixed_precision(train.mixed_precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def resolve_mixed_precision(requested: str, device: torch.device) -> str:
     """'auto' -> bf16 where the GPU has it, fp16 on other GPUs, full precision on the CPU."""
     if device.type != "cuda":

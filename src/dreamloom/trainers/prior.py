@@ -11,14 +11,14 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path, atomic_write
 from ..datasets import DataItem, load_items, module_fingerprint
 from ..errors import DatasetError
-from .data import cache_root
+from ..paths import cache_root
 
 
 def class_prompt(recipe) -> str:
@@ -46,7 +46,7 @@ def generate_class_images(recipe, base, folder: Path, log=print) -> int:
     """Generate the missing class images into folder; returns how many were made."""
     p = recipe.prior
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "prompt.json").write_text(json.dumps({"prompt": class_prompt(recipe), "base": base.spec}))
+    atomic_write(folder / "prompt.json", json.dumps({"prompt": class_prompt(recipe), "base": base.spec}))
     missing = [i for i in range(p.num_class_images) if not (folder / f"class-{i:05d}.png").exists()]
     if not missing:
         return 0
@@ -58,9 +58,8 @@ def generate_class_images(recipe, base, folder: Path, log=print) -> int:
                       guidance_scale=p.generation_guidance, height=size, width=size,
                       generator=[torch.Generator("cpu").manual_seed(i) for i in chunk]).images
         for i, image in zip(chunk, images):
-            tmp = folder / f".class-{i:05d}.png.tmp"
-            image.save(tmp, format="PNG")
-            os.replace(tmp, folder / f"class-{i:05d}.png")
+            with atomic_path(folder / f"class-{i:05d}.png") as tmp:
+                image.save(tmp, format="PNG")
         log(f"class images: {min(start + len(chunk), len(missing))}/{len(missing)} generated")
     del pipe  # free the sampling activations before training allocates anything
     gc.collect()

@@ -6,7 +6,7 @@ from dreamloom.datasets import SUPPORTED_SUFFIXES
 from dreamloom.errors import DatasetError
 from dreamloom.studio import datasets as ds
 from dreamloom.studio import literal, studio_home
-from dreamloom.studio.library import human_size
+from dreamloom.paths import human_bytes
 from dreamloom.studio.uploads import LIMITS, MB, save_uploads
 
 GRID_COLUMNS = 4
@@ -138,7 +138,7 @@ for row_start in range(0, len(entries), GRID_COLUMNS):
             if thumb is not None:
                 st.image(thumb, width="stretch")
             size = f"{entry.width}x{entry.height} px, " if entry.width else ""
-            st.caption(f"**{literal(entry.path.name)}** · {size}{human_size(entry.size_bytes)}")
+            st.caption(f"**{literal(entry.path.name)}** · {size}{human_bytes(entry.size_bytes)}")
             for problem in entry.problems:
                 st.error(literal(problem), icon=":material/error:")
             key = f"caption-{entry.path.name}-{caption_round}"

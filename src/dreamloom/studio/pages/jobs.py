@@ -19,6 +19,8 @@ STATE_ICONS = {"queued": ":material/schedule:", "running": ":material/play_circl
 queue = JobQueue(studio_home())
 
 st.title("Jobs")
+for notice in queue.notices()[:1]:  # a repair of a damaged queue, say
+    st.warning(literal(notice), icon=":material/warning:")
 live = any(job.state in LIVE_STATES for job in queue.jobs())
 
 

@@ -9,7 +9,8 @@ import streamlit as st
 from dreamloom.errors import DreamloomError
 from dreamloom.models import load_base
 from dreamloom.studio import literal, studio_home
-from dreamloom.studio.library import download_bytes, human_size, scan_exports
+from dreamloom.paths import human_bytes
+from dreamloom.studio.library import download_bytes, scan_exports
 from dreamloom.studio.tryit import compare
 
 st.title("Library")
@@ -20,7 +21,7 @@ if not exports:
     st.stop()
 
 st.dataframe(pd.DataFrame([{"file": e.path.name, "format": e.format, "loads in": e.loads_in,
-                            "size": human_size(e.size_bytes), "base": e.base, "trigger": e.trigger, "run": e.run}
+                            "size": human_bytes(e.size_bytes), "base": e.base, "trigger": e.trigger, "run": e.run}
                            for e in exports]), hide_index=True, width="stretch")
 
 st.subheader("Download")
@@ -31,7 +32,7 @@ for i, (run, files) in enumerate(by_run.items()):
     with st.expander(literal(f"{run} · {files[0].method} · trigger {files[0].trigger} · base {files[0].base}"),
                      expanded=i == 0):
         for export in files:
-            st.download_button(literal(f"{export.download_name} · {export.format} · {human_size(export.size_bytes)}"),
+            st.download_button(literal(f"{export.download_name} · {export.format} · {human_bytes(export.size_bytes)}"),
                                data=lambda export=export: download_bytes(export), file_name=export.download_name,
                                on_click="ignore", icon=":material/download:", key=f"download-{export.path}")
 

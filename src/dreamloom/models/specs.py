@@ -1,0 +1,91 @@
+"""Base specs, parsed in one place: what a recipe's `base.model` names, and its architecture read
+without loading any weights (for checks before a run exists, and for the memory estimate).
+
+A spec is one of: `tiny`, `toy` (the pretrained toy-world base), `random:<arch>` (an architecture
+with random weights), a local diffusers folder, a local single-file checkpoint (`.safetensors`,
+`.ckpt`), or a hub id (`org/name`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BaseModelError
+from .configs import ARCHS, Arch, arch_for_text_width
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+BUILTIN = ("tiny", "toy")  # built from config in code / pretrained weights shipped with the package
+RANDOM = "random:"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    text: str
+    kind: str  # "builtin" | "random" | "folder" | "file" | "hub"
+    path: Path | None = None
+
+    @property
+    def local(self) -> bool:
+        """Readable without a network: everything but a hub id."""
+        return self.kind != "hub"
+
+
+def random_specs() -> list[str]:
+    return [f"{RANDOM}{name}" for name in ARCHS if name != "tiny"]
+
+
+def builtin_specs() -> list[str]:
+    """Every spec that needs no file: what the studio offers as built-in bases."""
+    return [*BUILTIN, *random_specs()]
+
+
+def parse_base_spec(spec: str) -> BaseSpec:
+    """Which kind of base `spec` names; BaseModelError with the fix when it names none."""
+    if spec in BUILTIN:
+        return BaseSpec(spec, "builtin")
+    if spec.startswith(RANDOM):
+        if spec not in random_specs():
+            raise BaseModelError(f"unknown random architecture '{spec}'; known: {', '.join(random_specs())}.")
+        return BaseSpec(spec, "random")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return BaseSpec(spec, "folder", path)
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise BaseModelError(f"base model file '{path}' is not a checkpoint: expected .safetensors or .ckpt.")
+        return BaseSpec(spec, "file", path)
+    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return BaseSpec(spec, "hub")
+    raise BaseModelError(
+        f"base model '{spec}' not found: no such file or folder. Pass `tiny`, `toy`, `random:sd15`, "
+        "a diffusers folder, a .safetensors/.ckpt file, or a hub id like org/name.")
+
+
+def spec_arch(spec: str | BaseSpec) -> Arch:
+    """The architecture a spec names, read from configs or file headers, never from weights."""
+    parsed = spec if isinstance(spec, BaseSpec) else parse_base_spec(spec)
+    if parsed.kind == "builtin":
+        return ARCHS[parsed.text]
+    if parsed.kind == "random":
+        return ARCHS[parsed.text.removeprefix(RANDOM)]
+    if parsed.kind == "folder":
+        config = parsed.path / "unet" / "config.json"
+        if not config.is_file():
+            raise BaseModelError(f"base model folder '{parsed.path}' has no unet/config.json: it is not a diffusers "
+                                 "model folder. Pass a folder written by save_pretrained, or a single file.")
+        width = json.loads(config.read_text()).get("cross_attention_dim")
+        arch = arch_for_text_width(width)
+        if arch is None:
+            raise BaseModelError(f"base model '{parsed.text}': a UNet of text width {width} is no known "
+                                 f"architecture ({', '.join(ARCHS)}).")
+        return arch
+    if parsed.kind == "file":
+        from .single_file import detect_arch, read_header
+
+        return detect_arch(parsed.path, read_header(parsed.path)[0])
+    raise BaseModelError(f"base model '{parsed.text}' is a hub id, and reading an architecture never downloads "
+                         "anything: pass a local folder or file (or a random:<arch> of the same architecture).")
