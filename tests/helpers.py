@@ -9,10 +9,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from dreamloom.jobs import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.models import load_base
 from dreamloom.recipes import resolve_recipe
-from dreamloom.trainers.loop import dataset_items, plain, train
+from dreamloom.trainers.loop import dataset_items, train
+from dreamloom.trainers.parts import unwrapped
 
 PROMPT = "a photo of sks star"
 BACKGROUNDS = [(40, 90, 160), (230, 220, 200), (60, 140, 70), (120, 60, 110)]
@@ -58,7 +59,7 @@ def train_tiny(out, subject_dir, sets=(), recipe="tiny-lora"):
     run = RunDir.create(out, recipe)
     run.write_manifest(items)
     exports = train(run, base=base, items=items)
-    return run, plain(base), exports
+    return run, unwrapped(base), exports
 
 
 def base_weights(module) -> dict[str, torch.Tensor]:

@@ -186,3 +186,25 @@ def test_export_of_a_damaged_checkpoint_offers_the_previous_one(tmp_path, subjec
     assert str(latest.parent) in err and "damaged" in err and "--step 10" in err
     assert main(["export", str(run.path), "--step", "10", "--overwrite"]) == 0
     assert "export:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe, sets, words", [
+    ("tiny-hypernetwork", ["hypernetwork.dropout=true", "hypernetwork.dropout_structure=[0, 0.1, 0]",
+                           "hypernetwork.last_layer_dropout=true"], ["hypernetwork.last_layer_dropout", "ignored"]),
+    ("tiny-ti", ["train.text_encoder_lr=1e-4"], ["train.text_encoder_lr", "textual_inversion.learning_rate"]),
+])
+def test_settings_that_would_do_nothing_are_refused(recipe, sets, words, subject_dir, out, capsys):
+    args = ["train", recipe, "--data", str(subject_dir), "--out", str(out), "--trigger", "mystyle"]
+    err = run_cli(args + [a for s in sets for a in ("--set", s)], capsys)
+    for word in words:
+        assert word in err, err
+    assert not out.exists()
+
+
+def test_latent_caching_with_random_crops_is_said_to_do_nothing(tmp_path, subject_dir):
+    from dreamloom.rundir import RunDir
+
+    with pytest.warns(UserWarning, match="data.cache_latents = true does nothing with data.crop = 'random'"):
+        assert main(train_args(subject_dir, tmp_path / "runs", "--steps", "2", "--set", "data.crop='random'")) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert any(e["event"] == "warning" and "data.cache_latents" in e["message"] for e in RunDir(run).events())

@@ -13,7 +13,8 @@ from dreamloom.estimate import CUDA_CONTEXT, GiB, estimate, run_estimate
 from dreamloom.models import load_base
 from dreamloom.recipes import resolve_recipe
 from dreamloom.trainers.fused import FusedOptimizer
-from dreamloom.trainers.method import Batch
+from dreamloom.trainers.batch import Batch
+from dreamloom.trainers.parts import enable_gradient_checkpointing
 from dreamloom.trainers.optim import make_optimizer
 from dreamloom.trainers.registry import get_method
 
@@ -30,10 +31,8 @@ def real_prepared(r):
     base, method = load_base("tiny"), get_method(r.method)(r)
     groups = method.prepare(base)
     if r.train.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        if "text_encoder" in method.trainable_modules:
-            base.text_encoder.gradient_checkpointing_enable()
-    for name in method.trainable_modules:
+        enable_gradient_checkpointing(base, method.trainable_parts(base))
+    for name in method.trainable_parts(base):
         getattr(base, name).train()
     return base, method, groups
 
@@ -44,13 +43,13 @@ def examples_per_step(r) -> int:
 
 def make_batch(r, base, method, seed: int) -> Batch:
     n, g = examples_per_step(r), torch.Generator().manual_seed(seed)
-    ids = base.tokenizer(["a photo of sks dog"] * n, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    hidden = None
-    if "text_encoder" not in method.trainable_modules:  # the loop's cached text-encoder states
+    tokens = base.family.tokenize(base, ["a photo of sks dog"] * n)
+    cond = None
+    if not base.family.text_trains(base):  # the loop's cached text-encoder states
         with torch.no_grad():
-            hidden = base.text_encoder(ids)[0]
+            cond = base.family.encode(base, tokens)
     latents = torch.randn(n, 4, r.data.resolution // 8, r.data.resolution // 8, generator=g)
-    return Batch(latents, ids, ["a photo of sks dog"] * n, g, hidden)
+    return Batch(latents, tokens, ["a photo of sks dog"] * n, g, cond)
 
 
 def state_bytes(optimizer) -> int:
@@ -74,7 +73,7 @@ def test_parameter_gradient_and_optimizer_terms_are_exact(spec):
     est = estimate(r, "tiny")
     base, method, groups = real_prepared(r)
     params = [p for g in groups for p in g["params"]]
-    on_gpu = dict.fromkeys(["unet", *method.trainable_modules])  # latents are cached: the VAE stays off the GPU
+    on_gpu = dict.fromkeys(["unet", *method.trainable_parts(base)])  # latents are cached: the VAE stays off the GPU
     assert est.weights == {part: sum(p.numel() * 4 for p in getattr(base, part).parameters()) for part in on_gpu}
 
     optimizer = FusedOptimizer(r.train, groups) if r.train.fused_backward else make_optimizer(r.train, groups)
@@ -132,7 +131,7 @@ def real_peak_bytes(r) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     step(0)
-    parts = [base.unet] + [base.text_encoder] * ("text_encoder" in method.trainable_modules)
+    parts = [getattr(base, name) for name in dict.fromkeys(["unet", *method.trainable_parts(base)])]
     live = sum(p.untyped_storage().nbytes() for m in parts for p in m.parameters()) + state_bytes(optimizer)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(1)

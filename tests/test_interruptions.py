@@ -10,7 +10,7 @@ import subprocess
 import time
 
 from dreamloom.cli import main
-from dreamloom.jobs import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.trainers import loop
 from dreamloom.trainers.run import resume_run
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from dreamloom.cli import main
-from dreamloom.jobs import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.jobs.queue import JobQueue
 from dreamloom.recipes import resolve_recipe
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dreamloom.cli import main
-from dreamloom.jobs import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.jobs.queue import JobQueue
 from dreamloom.jobs.worker import job_run
 from dreamloom.recipes import resolve_recipe

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreamloom.jobs import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.trainers.run import resume_run
 from helpers import train_tiny
 
@@ -26,6 +26,10 @@ CASES = {
                                                             "hypernetwork.activation='relu'", "hypernetwork.dropout=true"]),
     "textual-inversion": ("tiny-ti", COMMON),  # the object templates are drawn per step: they must resume too
     "pivotal": ("tiny-pivotal", COMMON),
+    "locon": ("tiny-locon", COMMON + ["lora.dropout=0.1"]),
+    "loha": ("tiny-loha", COMMON + ["lora.dropout=0.1"]),  # LyCORIS's own dropout must replay too
+    "lokr": ("tiny-lokr", COMMON),
+    "dora": ("tiny-dora", COMMON),
 }
 
 

@@ -128,7 +128,7 @@ def test_sidecar_yaml_decides_prediction_type(saved, tmp_path, parameterization,
 
 def test_sd2_v_model_gets_openclip_keys_and_a1111_yaml(tiny, tmp_path):
     # tiny dressed as an SD 2 family model: exercises the writer's SD2-v branch cheaply.
-    base = with_prediction(tiny, "v_prediction", family="sd_v2")
+    base = with_prediction(tiny, "v_prediction", family="sd2")
     path = save_single_file(base, tmp_path / "v2.safetensors")
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
@@ -339,8 +339,7 @@ def test_pickled_code_in_ckpt_never_runs(tmp_path):
 
 
 def test_foreign_checkpoint_without_cached_clip_tokenizer_says_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(single_file, "CLIP_TOKENIZERS",
-                        {"sd_v1": ("dreamloom-test/not-in-any-cache", None)})
+    monkeypatch.setattr(single_file.FAMILIES["sd1"], "tokenizer_repo", ("dreamloom-test/not-in-any-cache", None))
     path = tmp_path / "civitai-model.safetensors"
     with pytest.raises(BaseModelError, match="CLIP tokenizer") as err:
         single_file.load_tokenizer(path, ARCHS["sd15"], 49408, {})

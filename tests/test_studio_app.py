@@ -14,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import dreamloom.studio
-from dreamloom.jobs import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.jobs.queue import JobQueue
 from dreamloom.jobs.worker import job_log
 from dreamloom.models import load_base

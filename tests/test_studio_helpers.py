@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dreamloom.errors import DatasetError
-from dreamloom.jobs import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.recipes import resolve_recipe
 from dreamloom.studio import datasets as ds
 from dreamloom.studio import literal

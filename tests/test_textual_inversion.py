@@ -21,7 +21,8 @@ from dreamloom.models.base import text_encoder_config
 from dreamloom.models.tokenizer import build_tokenizer
 from dreamloom.recipes import resolve_recipe
 from dreamloom.sampling.embeddings import attach_embeddings
-from dreamloom.trainers.textual_inversion import TextualInversionMethod, TriggerEmbedding, init_vectors
+from dreamloom.models.embedding import TriggerEmbedding, init_vectors
+from dreamloom.trainers.textual_inversion import TextualInversionMethod
 from helpers import image, train_tiny
 
 PROMPT = "a photo of sks"

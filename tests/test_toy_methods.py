@@ -10,7 +10,7 @@ import pytest
 
 from dreamloom.cli import main
 from dreamloom.errors import DreamloomError
-from dreamloom.jobs.rundir import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.models import load_base
 from dreamloom.recipes import resolve_recipe
 from dreamloom.toy.evaluate import BAR, Settings, Subject, base_bar, evaluate_pipeline, evaluate_run

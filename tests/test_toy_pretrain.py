@@ -6,7 +6,7 @@ import torch
 
 from dreamloom.cli import main
 from dreamloom.models import load_base
-from dreamloom.toy.base import load_toy_base
+from dreamloom.models.toy import load_toy_base
 
 
 def test_a_few_pretraining_steps_write_a_loadable_base(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreamloom.jobs import RunDir
+from dreamloom.rundir import RunDir
 from dreamloom.trainers.lora import LoraMethod
 from dreamloom.trainers.__main__ import main as trainers_main
 from helpers import train_tiny
@@ -78,3 +78,13 @@ def test_a_crash_is_logged_and_the_run_stays_resumable(tmp_path, subject_dir, mo
     assert trainers_main([str(run_dir)]) == 0  # `python -m dreamloom.trainers RUN` continues it
     assert run.events()[-1]["event"] == "end"
     assert trainers_main([str(run_dir)]) == 2  # a finished run is not trained again
+
+
+def test_step_events_carry_mfu_where_the_device_has_a_known_peak(tmp_path, subject_dir, monkeypatch):
+    """The FLOPs of one step are counted once, on the first step (CUDA only in real use; a CPU with a
+    made-up peak here), and every step event after it carries the MFU."""
+    monkeypatch.setattr("dreamloom.trainers.mfu.peak_flops", lambda device, precision: 1e12)
+    run, _, _ = train_tiny(tmp_path, subject_dir, ["train.steps=3"])
+    steps = [e for e in run.events() if e["event"] == "step"]
+    assert len(steps) == 3 and all(e["step_flops"] > 0 and 0 < e["mfu"] for e in steps)
+    assert len({e["step_flops"] for e in steps}) == 1  # counted once

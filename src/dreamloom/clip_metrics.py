@@ -60,9 +60,9 @@ def dino_score(dino: str, images, references) -> float:
 
 def evaluate_real_run(run_path, clip: str, dino: str | None = None, images_per_prompt: int = 8) -> dict:
     """Sample the run's own sample prompts with its exports attached; score against its training pictures."""
-    from .jobs.rundir import RunDir
+    from .rundir import RunDir
     from .sampling import generate
-    from .toy.evaluate import load_run_model, training_images
+    from .sampling.runs import load_run_model, training_images
 
     run = RunDir.open(run_path)
     recipe = run.recipe()

@@ -19,7 +19,7 @@ from .paths import cache_root, free_bytes, human_bytes, studio_home
 
 # The libraries dreamloom is built on, listed first; the rest of the lock is counted.
 KEY_PACKAGES = ("diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "datasets",
-                "streamlit", "pydantic")
+                "streamlit", "pydantic", "lycoris-lora")
 LOW_DISK = 5 * 2**30  # below this a cache or home folder cannot hold an SD 1.5 run's checkpoints
 
 

@@ -16,6 +16,8 @@ from torch.overrides import TorchFunctionMode
 
 from .atomic import atomic_write
 from .errors import RecipeError
+from .trainers.noise_loss import predict
+from .trainers.parts import enable_gradient_checkpointing
 
 GiB = 2**30
 # The CUDA context and cuBLAS/cuDNN kernels take ~0.3-0.5 GiB on CUDA 12 (lazy loading): they count against the
@@ -87,8 +89,8 @@ class Estimate:
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def _hints(recipe) -> dict[str, list[str]]:
-    t, full, hints, act = recipe.train, recipe.method == "dreambooth", {}, ("activations", "transient")
+def _hints(recipe, method) -> dict[str, list[str]]:
+    t, full, hints, act = recipe.train, method.full_finetune, {}, ("activations", "transient")
     for keys, applies, hint in [
         (("weights", "gradients", "autocast"), full and t.weights_dtype == "fp32", "train.weights_dtype=bf16 (with train.fused_backward=true)"),
         (("weights",), full, "method=lora"), (("gradients",), not t.fused_backward, "train.fused_backward=true"),
@@ -141,8 +143,9 @@ class _Autocast(TorchFunctionMode):
 def measure_activations(base, method, resolution: int, batch: int, dtype: torch.dtype, checkpointing: bool) -> dict:
     """Bytes saved for backward in one step's forward + backward on the base's device (meta: no memory), of the autocast
     weight copies and of the largest saved tensor. Checkpointed: the blocks' inputs + the largest block's saves."""
-    trains_te = "text_encoder" in method.trainable_modules
-    parts, device = [base.unet] + [base.text_encoder] * trains_te, base.unet.device
+    family, trained_parts = base.family, method.trainable_parts(base)
+    parts, device = [getattr(base, name) for name in dict.fromkeys(["unet", *trained_parts])], base.unet.device
+    trains_text = family.text_trains(base)
     mode, outer, kept, recompute = _Autocast(None if dtype == torch.float32 else dtype), {}, {}, [[]]
     storage_id = lambda t: t.untyped_storage()._cdata  # noqa: E731  (views share their storage)
     own = {storage_id(t) for m in parts for t in (*m.parameters(), *m.buffers())}
@@ -167,19 +170,15 @@ def measure_activations(base, method, resolution: int, batch: int, dtype: torch.
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
     if checkpointing:  # as the loop does it, then with our function in place of torch's (which it calls)
-        base.unet.enable_gradient_checkpointing()
-        if trains_te:
-            base.text_encoder.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(base, trained_parts)
         for m in (x for part in parts for x in part.modules() if getattr(x, "gradient_checkpointing", False)):
             m._gradient_checkpointing_func = checkpoint
-    te, h, unet_dtype = base.text_encoder.config, resolution // 8, next(base.unet.parameters()).dtype
     with mode, saving(outer):  # what noise_loss does, with zeros for data
-        [part.train() for part in parts]
-        latents = torch.zeros(batch, base.unet.config.in_channels, h, h, device=device)
-        ids = torch.zeros(batch, te.max_position_embeddings, dtype=torch.long, device=device)
-        hidden = base.text_encoder(ids)[0] if trains_te else torch.zeros(*ids.shape, te.hidden_size, device=device)
+        for part in parts:
+            part.train()
+        example = zero_batch(base, batch, resolution, cached_text=not trains_text)
         t = torch.zeros(batch, dtype=torch.long, device=device)
-        loss = F.mse_loss(base.unet(latents.to(unet_dtype), t, hidden.to(unet_dtype)).sample.float(), latents)
+        loss = F.mse_loss(predict(base, example.latents, t, example), example.latents)
     with saving(outer):
         loss.backward()
     casts = {storage_id(c): c.untyped_storage().nbytes() for c in mode.cache.values()}
@@ -188,7 +187,23 @@ def measure_activations(base, method, resolution: int, batch: int, dtype: torch.
             "device": device.type}
 
 
-def _optimizer_bytes(train, params: list, names: dict[int, str]) -> tuple[int, int]:
+def zero_batch(base, batch: int, resolution: int, cached_text: bool):
+    """A batch of zeros shaped as the loop's (text states cached where no text encoder trains)."""
+    from .trainers.batch import Batch
+
+    family, h, device = base.family, resolution // 8, base.unet.device
+    tokens = tuple(torch.zeros(batch, getattr(base, name).model_max_length, dtype=torch.long, device=device)
+                   for name in family.tokenizers)
+    cond = None
+    if cached_text:
+        with torch.no_grad():
+            cond = family.encode(base, tokens)
+    latents = torch.zeros(batch, base.unet.config.in_channels, h, h, device=device)
+    sizes = torch.full((batch, 2), resolution, device=device)
+    return Batch(latents, tokens, [""] * batch, None, cond, original_size=sizes, crop_top_left=sizes * 0)
+
+
+def _optimizer_bytes(train, params: list, names: dict[int, str], method) -> tuple[int, int]:
     """(state, step temporaries). State is fp32 (trained fp32 weights, or the fused pass's fp32 stand-in of a bf16
     weight). bitsandbytes: 32-bit under 4096 elements, else 8-bit plus two fp32 absmax per 256-element block.
     prodigyopt: s, p0, exp_avg, exp_avg_sq; p0 is 0-dim for a weight all zeros at its first step (LoRA B, biases)."""
@@ -200,7 +215,7 @@ def _optimizer_bytes(train, params: list, names: dict[int, str]) -> tuple[int, i
         elif train.optimizer == "adamw8bit":
             state, qmaps = state + (2 * n + 8 * math.ceil(n / 256) if n >= 4096 else 8 * n), qmaps + (n >= 4096)
         else:
-            zero = ".lora_B." in name or ("processor.networks." in name and name.endswith("bias"))
+            zero = method.initially_zero(name)
             state += 4 * (n * (2 + (train.adam_beta1 > 0)) + (1 if zero else n))
     state += 2 * 256 * 4 * (qmaps if train.fused_backward else min(qmaps, 1))  # bnb's two fp32 quantization maps
     if train.optimizer == "adamw" and not train.fused_backward:  # foreach AdamW: sqrt(exp_avg_sq) of every weight
@@ -214,7 +229,7 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
     from .models import load_base, spec_arch
     from .models.base import meta_base
     from .paths import cache_root
-    from .trainers.loop import cast_for_precision
+    from .trainers.parts import cast_for_precision
     from .trainers.registry import get_method
     spec, res, t = base_spec or recipe.base.model, resolution or recipe.data.resolution, recipe.train
     if res % 8 or res < 32:
@@ -226,7 +241,7 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
     trained = list({id(p): p for g in method.prepare(base) for p in g["params"]}.values())
     cast_for_precision(base, dtype, keep_trained=bf16_weights)
     weights, labels, names, vae = {}, {}, {}, [] if recipe.data.cache_latents and recipe.data.crop == "center" else ["vae"]
-    for part in dict.fromkeys(["unet", *method.trainable_modules, *vae]):  # what the loop keeps on the GPU
+    for part in dict.fromkeys(["unet", *method.trainable_parts(base), *vae]):  # what the loop keeps on the GPU
         params = dict(getattr(base, part).named_parameters())
         names.update({id(p): name for name, p in params.items()})
         weights[part] = sum(p.numel() * p.element_size() for p in params.values())
@@ -236,7 +251,7 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
     big = max(trained, key=lambda p: p.numel())  # fused: one gradient at a time (+ fp32 copies of it and its weight)
     grads = big.numel() * (big.element_size() + 8 * bf16_weights) if t.fused_backward else \
         sum(p.numel() * p.element_size() for p in trained)
-    optimizer, temporaries = _optimizer_bytes(t, trained, names)
+    optimizer, temporaries = _optimizer_bytes(t, trained, names, method)
     notes, path = [], cache_root() / "estimate" / "activations.json"
     sig = hashlib.sha1(str([(names.get(id(p)), tuple(p.shape), str(p.dtype)) for p in trained]).encode()).hexdigest()[:10]
     key = f"v{MEASURE_VERSION}|{arch_key}|{res}px|batch {batch}|checkpointing {t.gradient_checkpointing}|{precision}|{method.name}:{sig}"
@@ -256,15 +271,16 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
     notes.insert(0, f"activations: {'a cached measurement' if hit else 'measured now'} on {cache[key]['device']} ({path})")
     notes += ["mixed_precision 'auto' taken as bf16 (fp16 GPUs need the same memory)"] * (t.mixed_precision == "auto") + [
         "not counted: VAE encoding when latents are not cached; validation samples (between steps, no activations)"]
-    te, h, measured = base.text_encoder.config, res // 8, cache[key]
+    h, measured = res // 8, cache[key]
+    text_numel = sum(v[0].numel() for v in zero_batch(base, 1, res, cached_text=True).cond.tensors.values())
     return Estimate(
         f"{recipe.name} on {spec}, {res} px, {batch} example(s) per step, {precision} compute, "
         f"{sum(p.numel() for p in trained):,} trained parameters", t.fused_backward, weights, labels, grads, optimizer,
         ema=sum(p.numel() * p.element_size() for p in trained) if t.ema and not t.ema_on_cpu else 0,
         autocast_copies=measured["autocast_copies"], activations=measured["activations"],
         backward_transient=2 * measured["largest_saved"], step_temporaries=temporaries,
-        other=batch * 4 * (2 * 4 * h * h + te.max_position_embeddings * te.hidden_size),  # latents, noise, text states
-        notes=notes, hints=_hints(recipe))
+        other=batch * 4 * (2 * 4 * h * h + text_numel),  # latents, noise, text states
+        notes=notes, hints=_hints(recipe, method))
 
 
 def run_estimate(recipe_name_or_path: str, base: str | None, resolution: int | None, vram: float | None, overrides: list[str]) -> str:

@@ -36,6 +36,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(width, height) after the shorter side is resized to `resolution`."""
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def center_crop(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(top, left) of the centred square crop in the resized picture."""
+    size = resized_size(width, height, resolution)
+    return (size[1] - resolution) // 2, (size[0] - resolution) // 2
+
+
 def load_image(
     path: str | Path,
     resolution: int,
@@ -43,8 +55,10 @@ def load_image(
     crop: str = "center",
     flip: bool = False,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Load `path` as a float32 [3, resolution, resolution] tensor in [-1, 1].
+    return_crop: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int]]:
+    """Load `path` as a float32 [3, resolution, resolution] tensor in [-1, 1] (and, with
+    `return_crop`, where the crop starts in the resized picture: (top, left)).
 
     The shorter side is resized to `resolution`, then the longer one is cropped
     ("center", or "random" drawn from `generator`), then mirrored if `flip`.
@@ -53,9 +67,7 @@ def load_image(
         raise ValueError(f"unknown crop mode {crop!r}; expected one of {CROP_MODES}")
     img = to_rgb(open_oriented(path))
 
-    width, height = img.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    size = resized_size(*img.size, resolution)
     # PIL's bicubic resize widens its kernel when shrinking, so it is antialiased.
     img = img.resize(size, Image.Resampling.BICUBIC)
 
@@ -70,4 +82,5 @@ def load_image(
         img = ImageOps.mirror(img)
 
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-    return pixels.float() / 127.5 - 1.0
+    pixels = pixels.float() / 127.5 - 1.0
+    return (pixels, (top, left)) if return_crop else pixels

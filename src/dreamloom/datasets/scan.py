@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreamloom.captions import fill_placeholders, unknown_placeholders
 from dreamloom.datasets.images import open_oriented
 from dreamloom.errors import DatasetError
 
@@ -45,13 +46,12 @@ def load_items(
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DatasetError(f"Dataset folder {root} {what}. Point the recipe at an image folder.")
-    try:
-        default_caption = caption_template.format(trigger=trigger, class_word=class_word)
-    except (KeyError, IndexError, ValueError) as exc:
+    if unknown := unknown_placeholders(caption_template):
         raise DatasetError(
-            f"caption_template {caption_template!r} is invalid ({exc!r}); "
+            f"caption_template {caption_template!r} is invalid (unknown {', '.join(unknown)}); "
             "it may only use the placeholders {trigger} and {class_word}."
-        ) from None
+        )
+    default_caption = fill_placeholders(caption_template, trigger, class_word)
 
     metadata = [root / name for name in METADATA_FILES if (root / name).is_file()]
     problems: list[str] = []
@@ -67,7 +67,7 @@ def load_items(
     items = []
     for path, caption in sorted(captioned):
         name = _display_name(path, root)
-        caption = _fill(caption, trigger, class_word) if caption else ""
+        caption = fill_placeholders(caption, trigger, class_word) if caption else ""
         item = _inspect(path, name, caption or default_caption, min_image_size, problems)
         if item is not None:
             items.append(item)
@@ -82,12 +82,6 @@ def load_items(
 
 def _display_name(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-
-
-def _fill(caption: str, trigger: str, class_word: str) -> str:
-    # str.replace, not str.format: user captions may contain other braces.
-    caption = caption.replace("{trigger}", trigger).replace("{class_word}", class_word)
-    return " ".join(caption.split())
 
 
 def _read_sidecars(root: Path, problems: list[str]) -> list[tuple[Path, str]]:

@@ -23,8 +23,7 @@ from .files import cast, refuse_overwrite, write_safetensors
 
 A1111_KEY = "emb_params"
 A1111_STAR_TOKEN = 265  # A1111 writes CLIP's id of "*" into every file; nothing reads it back
-DIFFUSERS_DIR = "diffusers"
-DIFFUSERS_FILE = "learned_embeds.safetensors"
+LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"  # diffusers' name for an embedding file
 BUNDLE_PREFIX = "bundle_emb."
 BUNDLE_SUFFIX = ".string_to_param.*"
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -63,9 +62,10 @@ def save_diffusers_embedding(path: Path, token: str, vectors: torch.Tensor, info
     return write_safetensors(path, cast({token: vectors}, dtype), _metadata(info, base), overwrite=overwrite)
 
 
-def bundle_tensors(trigger: str, vectors: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The embedding as A1111 (>= 1.7) and ComfyUI read it from inside a LoRA file."""
-    return {f"{BUNDLE_PREFIX}{trigger}{BUNDLE_SUFFIX}": vectors}
+def bundle_tensors(trigger: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The embedding as A1111 (>= 1.7) and ComfyUI read it from inside a LoRA file ({part: vectors})."""
+    (single,) = vectors.values()  # SD 1.x / 2.x: one text encoder
+    return {f"{BUNDLE_PREFIX}{trigger}{BUNDLE_SUFFIX}": single}
 
 
 def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -83,20 +83,16 @@ def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return lora, embeddings
 
 
-def export_embedding(run, base, recipe, vectors: torch.Tensor, formats: list[str],
+def export_embedding(paths: dict[str, Path], run, base, recipe, vectors: dict[str, torch.Tensor],
                      overwrite: bool = False) -> list[Path]:
-    """Write the embedding in each of `formats` (a1111, a1111_pt, diffusers) that is asked for."""
+    """Write the embedding ({text-encoder part: vectors}) in each format of `paths` ({format: path})
+    that is an embedding format: a1111, a1111_pt, diffusers."""
     trigger, dtype, info = recipe.data.trigger, recipe.export.dtype, embedding_info(run, base, recipe)
-    written = []
-    if "a1111" in formats:
-        written.append(save_a1111_safetensors(run.exports / f"{trigger}.safetensors", vectors, info, base, dtype,
-                                              overwrite))
-    if "a1111_pt" in formats:
-        written.append(save_a1111_pt(run.exports / f"{trigger}.pt", vectors, info, dtype, overwrite))
-    if "diffusers" in formats:
-        written.append(save_diffusers_embedding(run.exports / DIFFUSERS_DIR / DIFFUSERS_FILE, trigger, vectors, info,
-                                                base, dtype, overwrite))
-    return written
+    (single,) = vectors.values()  # SD 1.x / 2.x: one text encoder
+    writers = {"a1111": lambda path: save_a1111_safetensors(path, single, info, base, dtype, overwrite),
+               "a1111_pt": lambda path: save_a1111_pt(path, single, info, dtype, overwrite),
+               "diffusers": lambda path: save_diffusers_embedding(path, trigger, single, info, base, dtype, overwrite)}
+    return [writers[f](path) for f, path in paths.items() if f in writers]
 
 
 def _vectors_of(data, path: Path) -> tuple[str | None, torch.Tensor]:
@@ -122,7 +118,7 @@ def read_embedding_file(path: str | Path) -> tuple[str, torch.Tensor]:
     ComfyUI, except for diffusers' fixed file name `learned_embeds.*`, whose token is stored inside."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / DIFFUSERS_FILE
+        path = path / LEARNED_EMBEDS_FILE
     if not path.is_file():
         raise AdapterError(f"embedding file '{path}' does not exist.")
     try:

@@ -76,18 +76,17 @@ def portability_notes(config: HypernetworkConfig) -> list[str]:
     return notes
 
 
-def write_hypernetwork_pt(run, base, recipe, network, overwrite=False) -> Path:
-    path = save_hypernetwork_pt(run.exports / f"{recipe.output_name}.pt", network, file_info(run, base, recipe),
-                                recipe.export.dtype, overwrite=overwrite)
+def write_hypernetwork_pt(path: Path, run, base, recipe, network, overwrite=False) -> Path:
+    path = save_hypernetwork_pt(path, network, file_info(run, base, recipe), recipe.export.dtype, overwrite=overwrite)
     for note in portability_notes(network.config):  # the .pt is the file other UIs load
         run.log("warning", path=str(path), message=note)
         warnings.warn(f"{path.name}: {note}", stacklevel=2)
     return path
 
 
-def write_hypernetwork_safetensors(run, base, recipe, network, overwrite=False) -> Path:
-    return save_hypernetwork_safetensors(run.exports / f"{recipe.output_name}.safetensors", network,
-                                         file_info(run, base, recipe), recipe.export.dtype, overwrite=overwrite)
+def write_hypernetwork_safetensors(path: Path, run, base, recipe, network, overwrite=False) -> Path:
+    return save_hypernetwork_safetensors(path, network, file_info(run, base, recipe), recipe.export.dtype,
+                                         overwrite=overwrite)
 
 
 def _read_pt(path: Path) -> tuple[dict, dict]:

@@ -85,14 +85,22 @@ def _rename(rest: str, table: dict[str, str]) -> str:
     return rest
 
 
+def _ldm_unet_key(key: str, prefixes: dict) -> str:
+    prefix, rest = _split_prefix(key, prefixes)
+    ldm_prefix, is_resnet = prefixes[prefix]
+    return ldm_prefix + (_rename(rest, _UNET_RESNET) if is_resnet else rest)
+
+
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     prefixes = _unet_prefixes(unet.config)
-    out = {}
-    for key, tensor in unet.state_dict().items():
-        prefix, rest = _split_prefix(key, prefixes)
-        ldm_prefix, is_resnet = prefixes[prefix]
-        out[UNET + ldm_prefix + (_rename(rest, _UNET_RESNET) if is_resnet else rest)] = tensor
-    return out
+    return {UNET + _ldm_unet_key(key, prefixes): tensor for key, tensor in unet.state_dict().items()}
+
+
+def unet_ldm_module_names(unet, names: list[str]) -> dict[str, str]:
+    """diffusers module name -> its name in the original layout (`down_blocks.1.attentions.0.proj_in`
+    -> `input_blocks.4.1.proj_in`): what kohya's SDXL trainer writes into LoRA keys."""
+    prefixes = _unet_prefixes(unet.config)
+    return {name: _ldm_unet_key(f"{name}.weight", prefixes).removesuffix(".weight") for name in names}
 
 
 def _vae_key(key: str, n_blocks: int) -> str:
@@ -162,9 +170,8 @@ def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
 
 
 def to_ldm_state_dict(base) -> dict[str, torch.Tensor]:
-    """UNet + VAE + text encoder of a Base, under their original single-file checkpoint names."""
-    text = open_clip_to_ldm if base.arch.family == "sd_v2" else clip_to_ldm
-    return {**unet_to_ldm(base.unet), **vae_to_ldm(base.vae), **text(base.text_encoder)}
+    """UNet + VAE + text encoders of a Base, under their original single-file checkpoint names."""
+    return {**unet_to_ldm(base.unet), **vae_to_ldm(base.vae), **base.family.text_to_ldm(base)}
 
 
 def uses_builtin_tokenizer(base) -> bool:
@@ -217,7 +224,7 @@ def save_single_file(base, path: Path, *, dtype: str = "fp16", metadata: dict[st
     """Write the base as one `.safetensors` checkpoint (plus `<name>.yaml` for an SD 2 v-model)."""
     path = Path(path)
     v_pred = base.prediction_type == "v_prediction"
-    yaml_path = path.with_suffix(".yaml") if v_pred and base.arch.family == "sd_v2" else None
+    yaml_path = path.with_suffix(".yaml") if v_pred and base.family.needs_v_yaml else None
     refuse_overwrite(path, overwrite)  # check both files before writing either
     if yaml_path is not None:
         refuse_overwrite(yaml_path, overwrite)
@@ -228,7 +235,7 @@ def save_single_file(base, path: Path, *, dtype: str = "fp16", metadata: dict[st
     res = base.arch.resolution
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": path.stem,
             "modelspec.resolution": f"{res}x{res}", **(metadata or {}),
-            "modelspec.architecture": base.arch.modelspec_architecture,
+            "modelspec.architecture": base.family.modelspec_architecture(base.arch),
             "modelspec.prediction_type": "v" if v_pred else "epsilon",
             "dreamloom.arch": base.arch.name}
     if uses_builtin_tokenizer(base):

@@ -17,28 +17,26 @@ from safetensors.torch import save
 from .. import __version__
 from .files import cast, refuse_overwrite, tensor_data_sha256, write_safetensors
 
-KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-DIFFUSERS_DIR = "diffusers"
-DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                 "lora_magnitude_vector": "dora_scale"}
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA file
 
 
-def canonical(part: str, key: str) -> str:
-    """Module paths as every other tool spells them. transformers 5 dropped CLIPTextModel's
-    `text_model.` level; A1111, ComfyUI and older diffusers all still expect it."""
-    if part == "text_encoder" and not key.startswith("text_model."):
-        return f"text_model.{key}"
-    return key
-
-
-def to_kohya(parts: dict[str, dict[str, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
+def kohya_tensors(base, parts: dict[str, dict[str, torch.Tensor]], configs) -> dict[str, torch.Tensor]:
+    """peft-named adapter weights per part in kohya's layout, each module with the alpha it trained
+    with (configs: the part's peft LoraConfig). DoRA's magnitude becomes LyCORIS's `dora_scale`,
+    one norm per output channel ([out, 1] / [out, 1, 1, 1]), the layout A1111 and ComfyUI read."""
     out = {}
     for part, state in parts.items():
+        config = configs[part]
         for key, tensor in state.items():
-            module, _, suffix = canonical(part, key).removesuffix(".weight").rpartition(".")
-            name = KOHYA_PREFIX[part] + module.replace(".", "_")
-            out[f"{name}.{PEFT_TO_KOHYA[suffix + '.weight']}"] = tensor
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+            module, suffix = next((key.removesuffix("." + s), s) for s in PEFT_TO_KOHYA if key.endswith("." + s))
+            name = base.family.kohya_name(part, module)
+            if suffix == "lora_magnitude_vector":
+                down = state[f"{module}.lora_A.weight"]
+                tensor = tensor.reshape(-1, *[1] * (down.dim() - 1))
+            out[f"{name}.{PEFT_TO_KOHYA[suffix]}"] = tensor
+            out[f"{name}.alpha"] = torch.tensor(float(config.alpha_pattern.get(module, config.lora_alpha)))
     return out
 
 
@@ -50,16 +48,17 @@ def tag_frequency(run, recipe) -> str:
     return json.dumps({Path(recipe.data.path).name or "data": dict(counts)})
 
 
-def kohya_metadata(run, base, recipe, blob_hash: str) -> dict[str, str]:
-    arch, res = base.arch, recipe.data.resolution
+def kohya_metadata(run, base, recipe, blob_hash: str, network_args: dict[str, str]) -> dict[str, str]:
+    """What A1111/Forge need to list the file under its base, and kohya's other fields. A LyCORIS
+    algorithm (network_args["algo"]) is named the way LyCORIS's own kohya module names it."""
+    arch, family, res = base.arch, base.family, recipe.data.resolution
     v_pred = base.prediction_type == "v_prediction"
-    version = {"sd_v1": "sd_v1", "sd_v2": "sd_v2_v" if v_pred else "sd_v2"}.get(arch.family, arch.family)
-    return {
-        "ss_network_module": "networks.lora",
+    meta = {
+        "ss_network_module": "lycoris.kohya" if "algo" in network_args else "networks.lora",
         "ss_network_dim": recipe.lora.rank,
         "ss_network_alpha": recipe.lora.alpha,
-        "ss_base_model_version": version,
-        "ss_v2": str(arch.family == "sd_v2"),
+        "ss_base_model_version": family.version(arch, v_pred),
+        "ss_v2": str(family.v2),
         "ss_output_name": recipe.output_name,
         "ss_resolution": f"({res}, {res})",
         "ss_steps": recipe.train.steps,
@@ -68,7 +67,7 @@ def kohya_metadata(run, base, recipe, blob_hash: str) -> dict[str, str]:
         "ss_tag_frequency": tag_frequency(run, recipe),
         "sshs_model_hash": blob_hash,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch.modelspec_architecture}/lora",
+        "modelspec.architecture": f"{family.modelspec_architecture(arch)}/lora",
         "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts",
         "modelspec.title": recipe.output_name,
         "modelspec.trigger_phrase": recipe.data.trigger,
@@ -77,35 +76,29 @@ def kohya_metadata(run, base, recipe, blob_hash: str) -> dict[str, str]:
         "dreamloom.version": __version__,
         "dreamloom.arch": arch.name,
     }
+    if network_args:
+        meta["ss_network_args"] = json.dumps(network_args)
+    return meta
 
 
-def write_kohya_lora(run, base, recipe, parts, overwrite=False, name=None, extra=None) -> Path:
-    """`extra` tensors ride along under their own keys (a pivotal run's bundled embedding)."""
-    name = name or recipe.output_name
-    path = run.exports / f"{name}.safetensors"
+def write_kohya_lora(path: Path, run, base, recipe, tensors: dict[str, torch.Tensor], network_args: dict[str, str],
+                     overwrite=False) -> Path:
+    """A kohya-layout file of these tensors (a pivotal run adds its bundled embedding to them)."""
     refuse_overwrite(path, overwrite)
-    tensors = cast({**to_kohya(parts, recipe.lora.alpha), **(extra or {})}, recipe.export.dtype)
-    metadata = kohya_metadata(run, base, recipe, tensor_data_sha256(save(tensors)))
-    metadata["ss_output_name"] = metadata["modelspec.title"] = name  # what UIs show: the file's own name
+    tensors = cast(tensors, recipe.export.dtype)
+    metadata = kohya_metadata(run, base, recipe, tensor_data_sha256(save(tensors)), network_args)
+    metadata["ss_output_name"] = metadata["modelspec.title"] = path.stem  # what UIs show: the file's own name
     return write_safetensors(path, tensors, metadata, overwrite=overwrite)
 
 
-def write_diffusers_lora(run, recipe, parts, configs, overwrite=False) -> Path:
-    from diffusers import StableDiffusionPipeline
-
-    folder = run.exports / DIFFUSERS_DIR
-    path = folder / DIFFUSERS_FILE
+def write_diffusers_lora(path: Path, base, dtype: str, parts, configs, overwrite=False) -> Path:
+    """diffusers' own writer (`save_lora_weights` of the base's pipeline class): keys `unet.` /
+    `text_encoder.` / ..., rank and alpha in `lora_adapter_metadata` so that alpha != rank reloads right."""
     refuse_overwrite(path, overwrite)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {part: cast({canonical(part, k): v for k, v in state.items()}, recipe.export.dtype)
-               for part, state in parts.items()}
-    # diffusers writes rank/alpha into `lora_adapter_metadata`, so alpha != rank reloads right.
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=tensors["unet"],
-        text_encoder_lora_layers=tensors.get("text_encoder"),
-        unet_lora_adapter_metadata=configs["unet"].to_dict(),
-        text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict() if "text_encoder" in configs else None,
-        weight_name=DIFFUSERS_FILE,
-    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    family, kwargs = base.family, {}
+    for part, state in parts.items():
+        kwargs[f"{part}_lora_layers"] = cast({family.canonical(part, k): v for k, v in state.items()}, dtype)
+        kwargs[f"{part}_lora_adapter_metadata"] = configs[part].to_dict()
+    family.pipeline_class.save_lora_weights(path.parent, weight_name=path.name, **kwargs)
     return path

@@ -1,3 +1,1 @@
-from .rundir import RunDir
-
-__all__ = ["RunDir"]
+"""The job queue (SQLite) and its workers: what the studio and `dreamloom jobs` use to run trainings."""

@@ -9,7 +9,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from .rundir import MARKER, RunDir
+from ..rundir import MARKER, RunDir
 
 SIDECARS = ("-wal", "-shm")  # SQLite's write-ahead log and its index, which go with the file
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import DreamloomError, TrainingStopped
 from ..recipes.io import recipe_from_text
-from .rundir import MARKER, RunDir
+from ..rundir import MARKER, RunDir
 from .queue import Job, JobQueue
 
 def _die_with_parent() -> None:

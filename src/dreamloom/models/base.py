@@ -8,24 +8,27 @@ reached ends in an error telling the user to pass a local folder or file.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..errors import BaseModelError
-from .configs import ARCHS, SD_SCHEDULER, Arch, arch_for_text_width
+from .configs import ARCHS, SD_SCHEDULER, Arch, arch_for_unet
+from .family import FAMILIES, Family
 from .specs import parse_base_spec, spec_arch
 from .tokenizer import build_tokenizer, builtin_vocab_size
 
 @dataclass
 class Base:
-    """The four parts of a Stable Diffusion model plus what we know about its architecture."""
+    """The parts of a Stable Diffusion model (under the names its pipeline gives them) plus what we
+    know about its architecture. Which parts there are is the family's: `family.parts`."""
 
     spec: str
     arch: Arch
@@ -34,6 +37,12 @@ class Base:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler_config: dict
+    text_encoder_2: torch.nn.Module | None = None  # families with two text encoders (SDXL)
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.arch.family]
 
     @property
     def prediction_type(self) -> str:
@@ -43,43 +52,42 @@ class Base:
     def noise_scheduler(self) -> DDPMScheduler:
         return DDPMScheduler.from_config(self.scheduler_config)
 
-    def pipeline(self) -> StableDiffusionPipeline:
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self, name) for name in self.family.parts}
+
+    def with_modules(self, **modules: torch.nn.Module) -> "Base":
+        """The same base with some parts replaced (unwrapped, or cast copies for an export)."""
+        return dataclasses.replace(self, **modules)
+
+    def pipeline(self):
         """A sampling pipeline over these very modules (adapters injected into them apply)."""
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=DDIMScheduler.from_config(self.scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return self.family.pipeline(self, DDIMScheduler.from_config(self.scheduler_config))
 
     def to(self, device: torch.device | str) -> "Base":
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules().values():
             module.to(device)
         return self
 
 
-def text_encoder_config(arch: Arch) -> CLIPTextConfig:
+def text_encoder_config(arch: Arch, tokenizer: CLIPTokenizer | None = None) -> CLIPTextConfig:
+    tokenizer = tokenizer or build_tokenizer()
     cfg = dict(arch.text_encoder)
     if cfg["vocab_size"] is None:
         cfg["vocab_size"] = builtin_vocab_size()
-    tokenizer = build_tokenizer()
     # The pooled output is taken at the end token; these ids make transformers look it up.
     return CLIPTextConfig(**cfg, bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def build_random(arch: Arch, seed: int = 0, meta: bool = False) -> Base:
-    """The architecture with seeded random weights (or on the meta device: shapes only)."""
+def build_random(arch: Arch, seed: int = 0, meta: bool = False, tokenizer: CLIPTokenizer | None = None) -> Base:
+    """The architecture with seeded random weights (or on the meta device: shapes only), with the
+    built-in tokenizer unless another is given."""
+    tokenizer = tokenizer or build_tokenizer()
+
     def build():
         unet = UNet2DConditionModel(**arch.unet)
         vae = AutoencoderKL(**arch.vae, scaling_factor=arch.vae_scaling_factor)
-        text_encoder = CLIPTextModel(text_encoder_config(arch))
+        text_encoder = CLIPTextModel(text_encoder_config(arch, tokenizer))
         return unet, vae, text_encoder
 
     if meta:
@@ -92,31 +100,30 @@ def build_random(arch: Arch, seed: int = 0, meta: bool = False) -> Base:
     for module in (unet, vae, text_encoder):
         module.eval()
     spec = arch.name if arch.name == "tiny" else f"random:{arch.name}"  # "toy" names the pretrained weights
-    return Base(spec, arch, unet, vae, text_encoder, build_tokenizer(),
-                dict(SD_SCHEDULER, prediction_type=arch.prediction_type))
+    return Base(spec, arch, unet, vae, text_encoder, tokenizer, dict(SD_SCHEDULER, prediction_type=arch.prediction_type))
 
 
 def meta_base(spec: str) -> Base:
     """The base a spec names, built on the meta device from its architecture: names and shapes,
     no weights read or allocated (checks before a run exists, the memory estimate)."""
     base = build_random(spec_arch(spec), meta=True)
-    for module in (base.unet, base.vae, base.text_encoder):
+    for module in base.modules().values():
         module.to("meta")  # buffers too, which init_empty_weights leaves on the CPU
     return base
 
 
-def _from_pipeline(spec: str, pipe: StableDiffusionPipeline) -> Base:
-    width = pipe.unet.config.cross_attention_dim
-    arch = arch_for_text_width(width)
+def base_from_pipeline(spec: str, pipe) -> Base:
+    arch = arch_for_unet(dict(pipe.unet.config))
     if arch is None:
         raise BaseModelError(
-            f"base model '{spec}': cross-attention width {width} matches no supported "
-            f"architecture ({', '.join(ARCHS)}); dreamloom trains SD 1.x and SD 2.x models."
+            f"base model '{spec}': its UNet (cross-attention width {pipe.unet.config.cross_attention_dim}) matches "
+            f"no supported architecture ({', '.join(ARCHS)}); dreamloom trains SD 1.x and SD 2.x models."
         )
-    config = dict(pipe.scheduler.config)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval()
-    return Base(spec, arch, pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, config)
+    family = FAMILIES[arch.family]
+    parts = {name: getattr(pipe, name) for name in (*family.parts, *family.tokenizers)}
+    for name in family.parts:
+        parts[name].eval()
+    return Base(spec, arch, scheduler_config=dict(pipe.scheduler.config), **parts)
 
 
 def _load_folder(spec: str, folder: Path) -> Base:
@@ -125,26 +132,24 @@ def _load_folder(spec: str, folder: Path) -> Base:
             f"base model folder '{folder}' has no model_index.json: it is not a diffusers "
             "model folder. Pass a folder written by save_pretrained, or a single .safetensors file."
         )
+    family = FAMILIES[spec_arch(spec).family]
     # fp32 in memory whatever the files hold (an fp16 export): trained weights need it, CPUs cannot
     # run fp16 layers, and the loop casts frozen parts to the compute dtype itself.
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, local_files_only=True, torch_dtype=torch.float32
-    )
-    return _from_pipeline(spec, pipe)
+    pipe = family.pipeline_class.from_pretrained(folder, local_files_only=True, torch_dtype=torch.float32,
+                                                 **family.pipeline_kwargs())
+    return base_from_pipeline(spec, pipe)
 
 
 def _load_hub(spec: str) -> Base:
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            spec, safety_checker=None, requires_safety_checker=False
-        )
+    try:  # the pipeline class comes from the repo's model_index.json
+        pipe = DiffusionPipeline.from_pretrained(spec, **Family().pipeline_kwargs())
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise BaseModelError(
             f"could not load base model '{spec}' from the Hugging Face hub ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no details'}). Without network access, "
             "pass a local diffusers folder or a .safetensors checkpoint with --base."
         ) from exc
-    return _from_pipeline(spec, pipe)
+    return base_from_pipeline(spec, pipe)
 
 
 def load_base(spec: str) -> Base:
@@ -153,7 +158,7 @@ def load_base(spec: str) -> Base:
     if spec == "tiny":
         return build_random(ARCHS["tiny"])
     if spec == "toy":
-        from ..toy.base import load_toy_base
+        from .toy import load_toy_base
 
         return load_toy_base()
     if parsed.kind == "random":
@@ -163,5 +168,5 @@ def load_base(spec: str) -> Base:
     if parsed.kind == "file":
         from .single_file import load_single_file
 
-        return _from_pipeline(spec, load_single_file(parsed.path))
+        return base_from_pipeline(spec, load_single_file(parsed.path))
     return _load_hub(spec)

@@ -1,7 +1,8 @@
 """Built-in architectures: the exact configs of the real models, and `tiny`, the same SD 1.x
 architecture scaled down so that it builds in well under a second for tests and the demo.
 
-What differs between architectures lives here, so that methods stay architecture-agnostic.
+An architecture is configs (numbers); how a family of architectures behaves (text encoders, the
+UNet call, file layouts) is its Family's (models/family.py).
 """
 
 from __future__ import annotations
@@ -22,19 +23,14 @@ SD_SCHEDULER = dict(  # the training schedule every SD 1.x / 2.x model was train
 @dataclass(frozen=True)
 class Arch:
     name: str
-    family: str  # what exports call the base: "sd_v1", "sd_v2", "tiny"
+    family: str  # key of its Family in models/family.py FAMILIES
     resolution: int  # native training resolution in pixels
     prediction_type: str  # "epsilon" | "v_prediction"
     unet: dict = field(repr=False)
     vae: dict = field(repr=False)
     text_encoder: dict = field(repr=False)
     vae_scaling_factor: float = 0.18215
-
-    @property
-    def modelspec_architecture(self) -> str:
-        return {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-768-v"}.get(
-            self.family, f"dreamloom-{self.family}"
-        )
+    version: str | None = None  # what exports call a base of ours that is no public model (tiny, toy)
 
 
 _SD_VAE = dict(
@@ -66,7 +62,7 @@ _SD_UNET = dict(
 
 SD15 = Arch(
     name="sd15",
-    family="sd_v1",
+    family="sd1",
     resolution=512,
     prediction_type="epsilon",
     unet=dict(_SD_UNET, cross_attention_dim=768, attention_head_dim=8),
@@ -85,7 +81,7 @@ SD15 = Arch(
 
 SD21 = Arch(
     name="sd21",
-    family="sd_v2",
+    family="sd2",
     resolution=768,
     prediction_type="v_prediction",
     unet=dict(
@@ -110,7 +106,8 @@ SD21 = Arch(
 
 TINY = Arch(
     name="tiny",
-    family="tiny",
+    family="sd1",
+    version="tiny",
     resolution=64,
     prediction_type="epsilon",
     unet=dict(
@@ -150,7 +147,8 @@ TINY = Arch(
 
 TOY = Arch(  # the toy world's base (dreamloom.toy): SD 1.x at 64 px, pretrained weights ship as package data
     name="toy",
-    family="toy",
+    family="sd1",
+    version="toy",
     resolution=64,
     prediction_type="epsilon",
     unet=dict(
@@ -193,6 +191,8 @@ TOY = Arch(  # the toy world's base (dreamloom.toy): SD 1.x at 64 px, pretrained
 ARCHS = {a.name: a for a in (TINY, TOY, SD15, SD21)}
 
 
-def arch_for_text_width(width: int) -> Arch | None:
-    """Recognise a loaded model's architecture by its cross-attention width."""
+def arch_for_unet(config: dict) -> Arch | None:
+    """Recognise a model's architecture from its UNet config (a loaded model's, or a folder's
+    unet/config.json): by the cross-attention width."""
+    width = config.get("cross_attention_dim")
     return next((a for a in ARCHS.values() if a.unet["cross_attention_dim"] == width), None)

@@ -7,6 +7,7 @@ for one. `.ckpt` pickles are only ever opened with `weights_only=True`: code in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import zipfile
@@ -14,23 +15,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTokenizer
+from transformers import CLIPTokenizer
 
 from ..errors import BaseModelError
 from .configs import ARCHS, SD_SCHEDULER, Arch
+from .family import FAMILIES, Family
 from .tokenizer import build_tokenizer, builtin_vocab_size
 
 UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 VAE_IN = "first_stage_model.decoder.conv_in.weight"
-CLIP_TOKENS = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-CLIP_POSITIONS = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
-OPEN_CLIP_TOKENS = "cond_stage_model.model.token_embedding.weight"
-OPEN_CLIP_POSITIONS = "cond_stage_model.model.positional_embedding"
-# Where the real CLIP tokenizers live in a user's HF cache (no download is ever attempted).
-CLIP_TOKENIZERS = {"sd_v1": ("openai/clip-vit-large-patch14", None),
-                   "sd_v2": ("stabilityai/stable-diffusion-2-1", "tokenizer")}
 
 CLIP_VOCAB_SIZE = 49408  # both SD 1.x (OpenAI CLIP) and SD 2.x (OpenCLIP) use this vocabulary
 
@@ -76,22 +70,26 @@ def read_header(path: Path) -> tuple[Shapes, dict[str, str]]:
     return {k: tuple(v.shape) for k, v in load_ckpt_state_dict(path).items()}, {}
 
 
-def detect_arch(path: Path, shapes: Shapes) -> Arch:
-    """Which built-in architecture the checkpoint has, from its text encoder's layout and width."""
+def file_family(path: Path, shapes: Shapes) -> Family:
+    """The family whose text encoder layout the checkpoint has."""
     if any(k.startswith("conditioner.embedders.") for k in shapes):
         raise BaseModelError(f"checkpoint '{path}' is an SDXL model; dreamloom trains SD 1.x and "
                              "SD 2.x bases. Pick an SD 1.5 or SD 2.1 checkpoint.")
-    if CLIP_TOKENS in shapes:
-        width, open_clip = shapes[CLIP_TOKENS][1], False
-    elif OPEN_CLIP_TOKENS in shapes:
-        width, open_clip = shapes[OPEN_CLIP_TOKENS][1], True
-    else:
+    family = next((f for f in FAMILIES.values() if f.ldm_token_key in shapes), None)
+    if family is None:
         raise BaseModelError(
             f"'{path}' is not a Stable Diffusion checkpoint: it has no text encoder weights "
             "(cond_stage_model.*). Pass a full SD 1.x/2.x model, not a LoRA, VAE or UNet-only file."
         )
+    return family
+
+
+def detect_arch(path: Path, shapes: Shapes) -> Arch:
+    """Which built-in architecture the checkpoint has, from its text encoder's layout and width."""
+    family = file_family(path, shapes)
+    width = shapes[family.ldm_token_key][1]
     arch = next((a for a in ARCHS.values() if a.text_encoder["hidden_size"] == width
-                 and (a.family == "sd_v2") == open_clip), None)
+                 and a.family == family.name), None)
     if arch is None:
         raise BaseModelError(f"checkpoint '{path}': a text encoder of width {width} matches no "
                              f"supported architecture ({', '.join(ARCHS)}).")
@@ -132,10 +130,10 @@ def prediction_type(path: Path, arch: Arch, shapes: Shapes, metadata: dict[str, 
 
 
 def load_tokenizer(path: Path, arch: Arch, vocab_size: int, metadata: dict[str, str]) -> CLIPTokenizer:
-    if (metadata.get("dreamloom.tokenizer") == "builtin" or arch.family == "tiny"
+    if (metadata.get("dreamloom.tokenizer") == "builtin" or arch.version is not None
             or vocab_size == builtin_vocab_size()):
         return build_tokenizer()
-    repo, subfolder = CLIP_TOKENIZERS[arch.family]
+    repo, subfolder = FAMILIES[arch.family].tokenizer_repo
     try:
         kwargs = {"subfolder": subfolder} if subfolder else {}
         tokenizer = CLIPTokenizer.from_pretrained(repo, local_files_only=True, **kwargs)
@@ -154,49 +152,59 @@ def load_tokenizer(path: Path, arch: Arch, vocab_size: int, metadata: dict[str, 
         ) from exc
 
 
+def file_tokenizers(path: Path) -> list[CLIPTokenizer]:
+    """The tokenizers a checkpoint's text encoders need (from its header alone)."""
+    shapes, metadata = read_header(path)
+    arch = detect_arch(path, shapes)
+    family = FAMILIES[arch.family]
+    return [load_tokenizer(path, arch, shapes[family.ldm_token_key][0], metadata) for _ in family.tokenizers]
+
+
 def write_config_folder(folder: Path, arch: Arch, tokenizer: CLIPTokenizer, *, vocab_size: int,
                         max_positions: int, prediction: str) -> Path:
-    """A diffusers model folder without weights: what `from_single_file(config=...)` reads."""
-    def dump(sub: str, name: str, data: dict) -> None:
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / sub / name).write_text(json.dumps(data, indent=1))
+    """A diffusers model folder without weights (what `from_single_file(config=...)` reads), written
+    from the architecture built on the meta device."""
+    from .base import build_random
 
-    dump(".", "model_index.json", {
-        "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "image_encoder": [None, None]})
-    dump("unet", "config.json", {"_class_name": "UNet2DConditionModel", **arch.unet})
-    dump("vae", "config.json", {"_class_name": "AutoencoderKL", **arch.vae,
-                                "scaling_factor": arch.vae_scaling_factor})
-    dump("scheduler", "scheduler_config.json", {"_class_name": "DDIMScheduler", **SD_SCHEDULER,
-                                                "prediction_type": prediction})
     # Sizes come from the file itself, so a model with added (e.g. embedding) tokens still loads.
     text = dict(arch.text_encoder, vocab_size=vocab_size, max_position_embeddings=max_positions)
-    CLIPTextConfig(**text, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id).save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
+    base = build_random(dataclasses.replace(arch, text_encoder=text), meta=True, tokenizer=tokenizer)
+    family = base.family
+    index = {"_class_name": family.pipeline_class.__name__, "scheduler": ["diffusers", "DDIMScheduler"]}
+    for name, module in base.modules().items():
+        index[name] = [type(module).__module__.split(".")[0], type(module).__name__]
+        if hasattr(module, "save_config"):  # diffusers models
+            module.save_config(folder / name)
+        else:  # transformers models
+            module.config.save_pretrained(folder / name)
+    for name in family.tokenizers:
+        index[name] = ["transformers", "CLIPTokenizer"]
+        tokenizer.save_pretrained(folder / name)
+    index.update({k: v if isinstance(v, bool) else [None, None] for k, v in family.pipeline_extras().items()})
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDIMScheduler", **SD_SCHEDULER, "prediction_type": prediction}, indent=1))
     return folder
 
 
-def _check_complete(path: Path, pipe: StableDiffusionPipeline) -> None:
+def _check_complete(path: Path, pipe, family: Family) -> None:
     # diffusers leaves weights missing from the file on the meta device instead of failing.
-    missing = [f"{part}.{name}" for part in ("unet", "vae", "text_encoder")
+    missing = [f"{part}.{name}" for part in family.parts
                for name, p in getattr(pipe, part).named_parameters() if p.is_meta]
     if missing:
         raise BaseModelError(f"checkpoint '{path}' lacks {len(missing)} weights of the model (e.g. "
                              f"{', '.join(missing[:3])}); it is incomplete or not an SD 1.x/2.x model.")
 
 
-def load_single_file(path: Path) -> StableDiffusionPipeline:
-    """An SD 1.x / 2.x pipeline from a `.safetensors` or `.ckpt` checkpoint, with no network access."""
+def load_single_file(path: Path):
+    """A pipeline of the file's family from a `.safetensors` or `.ckpt` checkpoint, with no network access."""
     path = Path(path)
     shapes, metadata = read_header(path)
     arch = detect_arch(path, shapes)
-    open_clip = OPEN_CLIP_TOKENS in shapes
-    vocab_size = shapes[OPEN_CLIP_TOKENS if open_clip else CLIP_TOKENS][0]
-    max_positions = shapes.get(OPEN_CLIP_POSITIONS if open_clip else CLIP_POSITIONS, (77,))[0]
+    family = FAMILIES[arch.family]
+    vocab_size = shapes[family.ldm_token_key][0]
+    max_positions = shapes.get(family.ldm_position_key, (77,))[0]
     prediction = prediction_type(path, arch, shapes, metadata)
     tokenizer = load_tokenizer(path, arch, vocab_size, metadata)
     with tempfile.TemporaryDirectory(prefix="dreamloom-config-") as tmp:
@@ -204,10 +212,8 @@ def load_single_file(path: Path) -> StableDiffusionPipeline:
                                      max_positions=max_positions, prediction=prediction)
         try:
             # A .ckpt is read again in there, also with weights_only=True (diffusers' loader).
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config), local_files_only=True,
-                safety_checker=None, requires_safety_checker=False,
-            )
+            pipe = family.pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                          **family.pipeline_kwargs())
         except Exception as exc:
             detail = str(exc).splitlines()[0] if str(exc) else "no details"
             if "meta tensor" in detail:  # a weight missing from the file was left unloaded
@@ -217,6 +223,6 @@ def load_single_file(path: Path) -> StableDiffusionPipeline:
                 f"could not load checkpoint '{path}' as a {arch.name} model "
                 f"({type(exc).__name__}: {detail}); the file may be damaged or of an unusual variant."
             ) from exc
-    _check_complete(path, pipe)
+    _check_complete(path, pipe, family)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BaseModelError
-from .configs import ARCHS, Arch, arch_for_text_width
+from .configs import ARCHS, Arch, arch_for_unet
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-BUILTIN = ("tiny", "toy")  # built from config in code / pretrained weights shipped with the package
+BUILTIN = ("toy", "tiny")  # pretrained weights shipped with the package / built from config in code
 RANDOM = "random:"
 
 
@@ -77,11 +77,11 @@ def spec_arch(spec: str | BaseSpec) -> Arch:
         if not config.is_file():
             raise BaseModelError(f"base model folder '{parsed.path}' has no unet/config.json: it is not a diffusers "
                                  "model folder. Pass a folder written by save_pretrained, or a single file.")
-        width = json.loads(config.read_text()).get("cross_attention_dim")
-        arch = arch_for_text_width(width)
+        unet = json.loads(config.read_text())
+        arch = arch_for_unet(unet)
         if arch is None:
-            raise BaseModelError(f"base model '{parsed.text}': a UNet of text width {width} is no known "
-                                 f"architecture ({', '.join(ARCHS)}).")
+            raise BaseModelError(f"base model '{parsed.text}': a UNet of text width {unet.get('cross_attention_dim')} "
+                                 f"is no known architecture ({', '.join(ARCHS)}).")
         return arch
     if parsed.kind == "file":
         from .single_file import detect_arch, read_header
@@ -89,3 +89,30 @@ def spec_arch(spec: str | BaseSpec) -> Arch:
         return detect_arch(parsed.path, read_header(parsed.path)[0])
     raise BaseModelError(f"base model '{parsed.text}' is a hub id, and reading an architecture never downloads "
                          "anything: pass a local folder or file (or a random:<arch> of the same architecture).")
+
+
+def spec_tokenizers(spec: str) -> list | None:
+    """The tokenizers of the base a spec names, where they can be had without loading the model
+    (built-in bases, a diffusers folder, a .safetensors checkpoint), so that a bad trigger is
+    refused before any run exists; else None (the method checks on the loaded base)."""
+    from .family import FAMILIES
+    from .tokenizer import build_tokenizer
+
+    try:
+        parsed = parse_base_spec(spec)
+        if parsed.kind in ("builtin", "random"):
+            return [build_tokenizer() for _ in FAMILIES[spec_arch(parsed).family].tokenizers]
+        if parsed.kind == "folder":
+            from transformers import CLIPTokenizer
+
+            family = FAMILIES[spec_arch(parsed).family]
+            folders = [parsed.path / name for name in family.tokenizers]
+            if all(f.is_dir() for f in folders):
+                return [CLIPTokenizer.from_pretrained(f, local_files_only=True) for f in folders]
+        if parsed.kind == "file" and parsed.path.suffix.lower() == ".safetensors":
+            from .single_file import file_tokenizers
+
+            return file_tokenizers(parsed.path)
+    except Exception:  # loading the base reports what is wrong with it
+        return None
+    return None

@@ -13,15 +13,21 @@ from safetensors.torch import load_file
 from ..errors import AdapterError
 from ..export.embeddings import BUNDLE_PREFIX, read_embedding_file, split_bundle
 
-MADE_FOR = {768: "SD 1.x", 1024: "SD 2.x"}
+def made_for(width: int) -> str:
+    """Which public family's text encoder is `width` wide."""
+    from ..models import ARCHS
+    from ..models.family import FAMILIES
+
+    return next((FAMILIES[a.family].title for a in ARCHS.values()
+                 if a.version is None and a.text_encoder["hidden_size"] == width), "another architecture")
 
 
 def check_width(vectors: torch.Tensor, pipe, base, source) -> None:
     width = pipe.text_encoder.config.hidden_size
     if vectors.shape[-1] != width:
-        made_for = MADE_FOR.get(vectors.shape[-1], "another architecture")
+        made_for_ = made_for(vectors.shape[-1])
         raise AdapterError(
-            f"embedding '{source}' has vectors {vectors.shape[-1]} wide (made for {made_for}), but the text encoder "
+            f"embedding '{source}' has vectors {vectors.shape[-1]} wide (made for {made_for_}), but the text encoder "
             f"of base '{base.spec}' is {width} wide. Pass the base model it was trained on with --base.")
 
 

@@ -1,7 +1,9 @@
-"""Reading LoRA files for the sampler: which format, and does it fit this base?
+"""Reading LoRA files for the sampler: which layout, and does it fit this base?
 
-Checked before diffusers sees the file, because a LoRA made for another architecture otherwise
-loads partly or fails deep inside peft with a message about tensor shapes.
+kohya-layout files (LoRA, LoCon, LoHa, LoKr, DoRA) are checked module by module when they are
+patched in (kohya_patch.py); diffusers/PEFT files are checked here, before diffusers sees them,
+because a LoRA made for another architecture otherwise loads partly or fails deep inside peft
+with a message about tensor shapes.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import AdapterError
-from ..export.lora import DIFFUSERS_FILE, KOHYA_PREFIX, canonical
+from ..export.lora import LORA_WEIGHTS_FILE
+from ..models.family import FAMILIES
 
-LDM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+BUNDLE = "bundle_emb."  # a pivotal file's embedding rides along
 
 
 def resolve_lora_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / DIFFUSERS_FILE
+        path = path / LORA_WEIGHTS_FILE
     if not path.is_file():
         raise AdapterError(f"LoRA file '{path}' does not exist.")
     if path.suffix != ".safetensors":
@@ -27,49 +30,43 @@ def resolve_lora_path(path: str | Path) -> Path:
     return path
 
 
-def read_lora(path: Path) -> tuple[str, dict[str, tuple[int, ...]], dict[str, str]]:
-    """(format, key -> shape, metadata). Format is 'kohya' or 'diffusers'."""
+def read_lora(path: Path, base=None) -> tuple[str, dict[str, tuple[int, ...]], dict[str, str]]:
+    """(layout, key -> shape, metadata). Layout is 'kohya' or 'diffusers' (with a base: as its family
+    names its parts; without one: as any family does)."""
     try:
         with safe_open(path, "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             metadata = f.metadata() or {}
     except Exception as exc:
         raise AdapterError(f"LoRA file '{path}' cannot be read as safetensors: {exc}") from exc
-    keys = [k for k in shapes if not k.startswith("bundle_emb.")]  # a pivotal file's embedding rides along
-    if keys and all(k.startswith(tuple(KOHYA_PREFIX.values()) + ("lora_te1_", "lora_te2_")) for k in keys):
+    keys = [k for k in shapes if not k.startswith(BUNDLE)]
+    families = [base.family] if base is not None else list(FAMILIES.values())
+    kohya = tuple(p for f in families for p in (*f.kohya_prefixes.values(), *f.kohya_aliases))
+    parts = {p for f in families for p in ("unet", *f.text_encoders)}
+    if keys and all(k.startswith(kohya) for k in keys):
         return "kohya", shapes, metadata
-    if keys and all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in keys):
+    if keys and all(k.split(".", 1)[0] in parts and ".lora_" in k for k in keys):
         return "diffusers", shapes, metadata
     raise AdapterError(
-        f"'{path}' is not a LoRA in a format dreamloom reads (kohya `lora_unet_...` or "
+        f"'{path}' is not a LoRA in a layout dreamloom reads for this base (kohya `{'`, `'.join(kohya)}...` or "
         f"diffusers `unet....lora_A.weight`); first keys: {keys[:3]}."
     )
 
 
-def _expected_shapes(base, fmt: str) -> dict[str, tuple[int, int]]:
-    """Module name as the file would spell it -> (in_features, out_features)."""
-    out = {}
-    for part in ("unet", "text_encoder"):
-        for name, module in getattr(base, part).named_modules():
-            weight = getattr(module, "weight", None)
-            if weight is None or weight.dim() not in (2, 4) or ".lora_" in name or "base_layer" in name:
-                continue
-            name = canonical(part, name)
-            key = KOHYA_PREFIX[part] + name.replace(".", "_") if fmt == "kohya" else f"{part}.{name}"
-            out[key] = (weight.shape[1], weight.shape[0])
+def _expected_shapes(base) -> dict[str, tuple[int, int]]:
+    """diffusers key prefix of each layer (`unet.down_blocks...to_q`) -> (in_features, out_features)."""
+    family, out = base.family, {}
+    for part in ("unet", *family.text_encoders):
+        for name, module in family.adaptable_layers(base, part).items():
+            out[f"{part}.{family.canonical(part, name)}"] = (module.weight.shape[1], module.weight.shape[0])
     return out
 
 
-def check_lora_fits(path: Path, base) -> str:
-    """Raise AdapterError naming the file when its layers do not match the base; return the format."""
-    fmt, shapes, metadata = read_lora(path)
-    expected = _expected_shapes(base, fmt)
-    problems = []
+def check_diffusers_lora_fits(path: Path, base, shapes: dict, metadata: dict) -> None:
+    """Raise AdapterError naming the file when its layers do not match the base."""
+    expected, problems = _expected_shapes(base), []
     for key, shape in shapes.items():
-        if fmt == "kohya" and any(b in key for b in LDM_BLOCKS):
-            continue  # original-layout names: diffusers maps them itself; widths still checked below
-        down = key.endswith(("lora_down.weight", "lora_A.weight"))
-        up = key.endswith(("lora_up.weight", "lora_B.weight"))
+        down, up = key.endswith("lora_A.weight"), key.endswith("lora_B.weight")
         if not (down or up):
             continue
         module = key.rsplit(".", 2)[0]
@@ -86,4 +83,3 @@ def check_lora_fits(path: Path, base) -> str:
             f"for: {made_for}. {len(problems)} layer(s) differ, e.g.\n  " + "\n  ".join(problems[:5])
             + "\nPass the base model this LoRA was trained on with --base."
         )
-    return fmt

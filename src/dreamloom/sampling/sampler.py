@@ -3,35 +3,57 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import AdapterError
 from .embeddings import load_embedding, read_bundle
-from .lora_files import check_lora_fits, resolve_lora_path
-
-
-def attach_loras(pipe, base, loras: list[tuple[str | Path, float]]) -> None:
-    """Load each LoRA (kohya or diffusers format) into the pipeline at its strength, and the
-    embeddings a pivotal LoRA file bundles (`bundle_emb.*`) at full strength, as A1111 does."""
-    names, scales = [], []
-    for i, (spec, scale) in enumerate(loras):
-        path = resolve_lora_path(spec)
-        check_lora_fits(path, base)
-        name = f"lora{i}"
-        lora, bundled = read_bundle(path)
-        if lora is None:
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-        else:  # diffusers does not know the bundle keys: hand it the LoRA alone
-            pipe.load_lora_weights(lora, adapter_name=name)
-        for word, vectors in bundled.items():
-            load_embedding(pipe, base, word, vectors, f"{path} (bundled)")
-        names.append(name)
-        scales.append(scale)
-    if names:
-        pipe.set_adapters(names, adapter_weights=scales)
-
+from .lora_files import check_diffusers_lora_fits, read_lora, resolve_lora_path
 
 MAX_STRENGTH = 10.0  # ComfyUI's sliders go further, but beyond this pictures are noise, not style
+
+
+def attach_loras(pipe, base, loras: list[tuple[str | Path, float]]) -> Callable[[], None]:
+    """Apply each LoRA file at its strength: a kohya-layout file (LoRA, LoCon, LoHa, LoKr, DoRA) is
+    patched into the layers' weights as A1111 and ComfyUI do it; a diffusers file goes through
+    diffusers' own load_lora_weights. The embeddings a pivotal file bundles (`bundle_emb.*`) are
+    loaded at full strength, as A1111 does. Every file is checked before the base changes; returns
+    what undoes it all."""
+    from safetensors.torch import load_file
+
+    from . import kohya_patch
+
+    checked = []  # every file is read and checked before the base changes
+    for spec, scale in loras:
+        path = resolve_lora_path(spec)
+        layout, shapes, metadata = read_lora(path, base)
+        lora, bundled = read_bundle(path)
+        if layout == "kohya":
+            built = kohya_patch.build(path, base, lora if lora is not None else load_file(path))
+        else:
+            check_diffusers_lora_fits(path, base, shapes, metadata)
+            built = None
+        checked.append((path, scale, built, bundled))
+    undo, names, scales = [], [], []
+    for i, (path, scale, built, bundled) in enumerate(checked):
+        if built is not None:
+            undo.append(kohya_patch.apply(built, scale))
+        else:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=f"lora{i}")
+            names.append(f"lora{i}")
+            scales.append(scale)
+        for word, vectors in bundled.items():
+            load_embedding(pipe, base, word, vectors, f"{path} (bundled)")
+        if bundled:
+            undo.append(pipe.unload_textual_inversion)
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)
+        undo.append(pipe.unload_lora_weights)
+
+    def detach() -> None:
+        for step in reversed(undo):
+            step()
+    return detach
 
 
 def parse_weighted(spec: str) -> tuple[str, float]:

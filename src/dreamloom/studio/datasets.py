@@ -17,7 +17,7 @@ from ..atomic import atomic_write
 from ..datasets import SUPPORTED_SUFFIXES
 from ..datasets.images import open_oriented, to_rgb
 from ..errors import DatasetError
-from ..recipes.schema import DataSection
+from ..recipes.sections import DataSection
 from .uploads import CAPTION_SUFFIX, clean_name, save_uploads
 
 SETTINGS_FILE = "dataset.json"

@@ -9,26 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DreamloomError
-from ..jobs import RunDir
-from ..jobs.rundir import MARKER
-
-# (method, top-level export entry: its suffix, or the folder name) -> (format, where it loads)
-FORMATS = {
-    ("lora", ".safetensors"): ("kohya", "A1111/Forge, ComfyUI, InvokeAI, diffusers"),
-    ("lora", "diffusers"): ("diffusers", "diffusers (pipe.load_lora_weights)"),
-    ("dreambooth", ".safetensors"): ("single_file", "A1111/Forge, ComfyUI, InvokeAI, diffusers"),
-    ("dreambooth", ".yaml"): ("single_file config", "A1111/Forge, next to the SD 2 model"),
-    ("dreambooth", "diffusers"): ("diffusers", "diffusers (from_pretrained)"),
-    ("hypernetwork", ".pt"): ("pt", "A1111/Forge, ComfyUI"),
-    ("hypernetwork", ".safetensors"): ("safetensors", "dreamloom's sampler"),
-    ("textual_inversion", ".safetensors"): ("a1111", "A1111/Forge, ComfyUI, InvokeAI"),
-    ("textual_inversion", ".pt"): ("a1111_pt", "A1111/Forge, ComfyUI"),
-    ("textual_inversion", "diffusers"): ("diffusers", "diffusers (load_textual_inversion)"),
-}
-# What the try-it panel can put on the base, by (method, format)
-TRY_IT = {("lora", "kohya"): "lora", ("lora", "diffusers"): "lora",
-          ("hypernetwork", "pt"): "hypernetwork", ("hypernetwork", "safetensors"): "hypernetwork",
-          ("textual_inversion", "a1111"): "embedding", ("textual_inversion", "a1111_pt"): "embedding"}
+from ..rundir import MARKER, RunDir
+from ..trainers.registry import METHODS
 
 
 @dataclass(frozen=True)
@@ -45,10 +27,7 @@ class Export:
     prompt: str  # the run's first validation prompt, filled in: a good start for the try-it panel
     steps: int  # the run's sampling settings: what its base draws well with
     guidance_scale: float
-
-    @property
-    def try_it(self) -> str | None:
-        return TRY_IT.get((self.method, self.format))
+    try_it: str | None  # how the try-it panel puts it on the base (its format's attach), if it can
 
     @property
     def download_name(self) -> str:
@@ -60,23 +39,21 @@ def _size(path: Path) -> int:
 
 
 def run_exports(run: RunDir) -> list[Export]:
+    """The run's exports that exist, in its method's format order (the main export first)."""
     recipe = run.recipe()
+    prompt = recipe.fill(recipe.sample.prompts[0]) if recipe.sample.prompts else recipe.fill("{trigger}")
     rows = []
-    for entry in sorted(run.exports.iterdir()) if run.exports.is_dir() else []:
-        if entry.name.startswith("."):  # a temp file of an export being written
-            continue
-        kind = entry.name if entry.is_dir() else entry.suffix.lower()
-        fmt, loads_in = FORMATS.get((recipe.method, kind), (kind.lstrip(".") or entry.name, ""))
-        files = [p for p in entry.rglob("*") if p.is_file()] if entry.is_dir() else [entry]
-        if not files:
-            continue
-        path = files[0] if len(files) == 1 else entry  # a one-file folder: offer the file itself
-        prompt = recipe.fill(recipe.sample.prompts[0]) if recipe.sample.prompts else recipe.fill("{trigger}")
-        rows.append(Export(path, run.path.name, recipe.method, fmt, loads_in, _size(entry), recipe.base.model,
-                           recipe.data.trigger, recipe.data.class_word, prompt, recipe.sample.steps,
-                           recipe.sample.guidance_scale))
-    order = recipe.export.formats  # the method's main format first
-    return sorted(rows, key=lambda e: order.index(e.format) if e.format in order else len(order))
+    for fmt in METHODS[recipe.method].formats:
+        path = run.exports / fmt.path(recipe)
+        found = [(path, fmt.name, fmt.loads_in, fmt.attach)]
+        if fmt.companion:
+            found.append((path.with_suffix(fmt.companion[0]), f"{fmt.name} config", fmt.companion[1], None))
+        for entry, name, loads_in, attach in found:
+            if entry.is_file() or (entry.is_dir() and any(p.is_file() for p in entry.rglob("*"))):
+                rows.append(Export(entry, run.path.name, recipe.method, name, loads_in, _size(entry), recipe.base.model,
+                                   recipe.data.trigger, recipe.data.class_word, prompt, recipe.sample.steps,
+                                   recipe.sample.guidance_scale, attach))
+    return rows
 
 
 def scan_exports(home: Path) -> list[Export]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..jobs import RunDir
+from ..rundir import RunDir
 
 RATE_WINDOW = 10  # step events the it/s for the ETA is averaged over
 

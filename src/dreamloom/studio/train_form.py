@@ -10,29 +10,28 @@ from pathlib import Path
 
 from ..errors import DreamloomError, RecipeError
 from ..estimate import GiB, estimate
-from ..models import ARCHS
+from ..models.specs import builtin_specs, parse_base_spec
 from ..recipes import Recipe, builtin_names, builtin_text, dump_recipe
 from ..recipes.io import apply_overrides, validate
-from ..recipes.schema import BaseSection
+from ..recipes.sections import BaseSection
+from ..trainers.registry import METHODS
 from .uploads import clean_name
 
 DEFAULT_METHOD = "lora"
 SAVED_RECIPES = "saved-recipes"  # under the home
 DEFAULT_BASE = "toy"  # pretrained: real pictures, and it trains on a laptop CPU in minutes
 FALLBACK_BASE = "tiny"
-BUILTIN_BASES = [DEFAULT_BASE, FALLBACK_BASE] + [f"random:{name}" for name in ARCHS if name != "tiny"]
+BUILTIN_BASES = builtin_specs()  # toy first: the default
+BASE_KINDS = ["Built-in", "Local file or folder", "Hugging Face hub id"]
 
 
-METHOD_HELP = {
-    "lora": "LoRA: a small adapter (a few MB) on the base's attention layers. The usual choice for a subject or "
-            "a style; loads in every UI.",
-    "dreambooth": "DreamBooth: trains the whole model. Strongest likeness, a full-size model file (GBs), needs a "
-                  "big GPU.",
-    "hypernetwork": "Hypernetwork: small networks that nudge attention (A1111 style). Mostly for styles.",
-    "textual_inversion": "Textual inversion: learns only a new word (an embedding of a few KB). Weakest, smallest, "
-                         "works with any model of the family.",
-    "pivotal": "Pivotal tuning: a new word and a LoRA trained together, in one file.",
-}
+def base_kind(spec: str) -> int:
+    """Which of BASE_KINDS a spec is (a path that does not exist yet counts as a hub id's text field)."""
+    try:
+        kind = parse_base_spec(spec).kind
+    except DreamloomError:
+        return 2
+    return {"builtin": 0, "random": 0, "folder": 1, "file": 1}.get(kind, 2)
 
 
 @dataclass(frozen=True)
@@ -111,8 +110,13 @@ def recipe_choices(home: Path, method: str) -> list[RecipeChoice]:
 
 
 def default_index(choices: list[RecipeChoice]) -> int:
-    """The first recipe on the pretrained toy base (toy-lora for LoRA): it draws real pictures and trains
-    on a laptop CPU; else the first on the tiny base; else the first."""
+    """The method's own toy recipe (toy-lora for LoRA): it draws real pictures and trains on a laptop
+    CPU; else its tiny one (tiny-lora); else the first on the toy base, then on the tiny base, then the first."""
+    toy = METHODS[choices[0].method].toy_recipe if choices[0].method in METHODS else None
+    for name in (toy, toy and toy.replace("toy-", "tiny-", 1)):
+        index = next((i for i, c in enumerate(choices) if name and c.label == f"{name} (built-in)"), None)
+        if index is not None:
+            return index
     bases = [tomllib.loads(c.text).get("base", {}).get("model", BaseSection().model) for c in choices]
     return next((bases.index(b) for b in (DEFAULT_BASE, FALLBACK_BASE) if b in bases), 0)
 

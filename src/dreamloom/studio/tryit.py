@@ -10,9 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..sampling import attach_loras, generate
-from ..sampling.embeddings import attach_embeddings
-from ..sampling.hypernetwork import attach_hypernetworks
+from ..sampling import generate
+from ..sampling.attach import attach_file
 
 # One sampling at a time on the shared base: two visitors must not see each other's adapters.
 SAMPLING_LOCK = threading.Lock()
@@ -21,29 +20,11 @@ SAMPLING_LOCK = threading.Lock()
 @contextmanager
 def adapter_on(pipe, base, path: Path, kind: str, strength: float):
     """The adapter applied to the pipeline for the duration of the block, then removed."""
-    if kind == "lora":
-        attach_loras(pipe, base, [(path, strength)])
-        try:
-            yield
-        finally:
-            pipe.unload_lora_weights()
-    elif kind == "hypernetwork":
-        processors = pipe.unet.attn_processors
-        attach_hypernetworks(pipe, base, [(path, strength)])
-        try:
-            yield
-        finally:
-            pipe.unet.set_attn_processor(processors)
-    elif kind == "embedding":  # a new word has no strength: any strength above 0 turns it on
-        if strength > 0:
-            attach_embeddings(pipe, base, [path])
-        try:
-            yield
-        finally:
-            if strength > 0:
-                pipe.unload_textual_inversion()
-    else:
-        raise ValueError(f"the try-it panel cannot apply a {kind!r} adapter")
+    detach = attach_file(kind, pipe, base, path, strength)
+    try:
+        yield
+    finally:
+        detach()
 
 
 def compare(base, path: Path, kind: str, strength: float, prompt: str, seed: int = 0, steps: int = 20,

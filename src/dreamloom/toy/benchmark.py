@@ -11,22 +11,15 @@ from ..errors import DreamloomError
 from .evaluate import Settings, Subject, evaluate_pipeline, evaluate_run, subject_word, table
 from .world import SUBJECT, UNSEEN, subject_images, write_subject_folder
 
-METHOD_RECIPES = {
-    "lora": "toy-lora",
-    "dreambooth": "toy-dreambooth",
-    "dreambooth-no-prior": "toy-dreambooth",  # the same recipe with prior preservation off: what it protects
-    "textual_inversion": "toy-ti",
-    "hypernetwork": "toy-hypernetwork",
-    "pivotal": "toy-pivotal",
-}
-VARIANT_OVERRIDES = {"dreambooth-no-prior": ["prior.enabled=false"]}
-
-
 def parse_methods(text: str) -> list[str]:
-    names = list(METHOD_RECIPES) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHOD_RECIPES]
+    """Names of eval entries: every method's toy recipe, and the variants methods declare (dora, ...)."""
+    from ..trainers.registry import eval_entries
+
+    entries = eval_entries()
+    names = list(entries) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in entries]
     if unknown:
-        raise DreamloomError(f"unknown method(s) {unknown} for --methods; choose from all, {', '.join(METHOD_RECIPES)}.")
+        raise DreamloomError(f"unknown method(s) {unknown} for --methods; choose from all, {', '.join(entries)}.")
     return names
 
 
@@ -43,9 +36,10 @@ def run_benchmark(methods: list[str], subjects: list[str], out: Path, settings: 
                   log=print) -> Path:
     """Train each method on each subject, evaluate all of them against the untouched base; write
     out/QUALITY.md (and out/quality.json). Runs already finished in `out` are evaluated, not retrained."""
-    from ..jobs.rundir import RunDir
+    from ..rundir import RunDir
     from ..models import load_base
     from ..recipes import resolve_recipe
+    from ..trainers.registry import eval_entries
     from ..trainers.run import start_run
 
     settings = settings or Settings()
@@ -61,8 +55,8 @@ def run_benchmark(methods: list[str], subjects: list[str], out: Path, settings: 
             if done:
                 run_path = done[-1]
             else:
-                recipe = resolve_recipe(METHOD_RECIPES[method], VARIANT_OVERRIDES.get(method, []),
-                                        {"data.path": str(data)})
+                name, overrides = eval_entries()[method]
+                recipe = resolve_recipe(name, list(overrides), {"data.path": str(data)})
                 log(f"== {shape}: training {method} ({recipe.name})")
                 run_path = start_run(recipe, runs)[0].path
             if "untouched base" not in columns:  # the same prompts, for the base as it shipped

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from PIL import Image
 
 from ..errors import BaseModelError, DreamloomError
 from ..sampling import make_grid
+from ..sampling.runs import load_run_model, training_images
 from .judge import HEADS, judge_images
 from .world import BACKGROUNDS, COLOURS, NAMED, caption, random_scene, render
 
@@ -199,55 +199,6 @@ def subject_word(recipe) -> str:
     return f"{d.trigger} {d.class_word}".strip()
 
 
-def load_run_model(run):
-    """The base of the run with its exports attached, exactly as a user would load them."""
-    from ..models import load_base
-    from ..sampling import attach_loras
-    from ..sampling.embeddings import attach_embeddings, read_bundle
-    from ..sampling.hypernetwork import attach_hypernetworks
-
-    recipe = run.recipe()
-    export = [e for e in run.events() if e["event"] == "export"]
-    if not export:
-        raise DreamloomError(f"run '{run.path}' has no exports yet; eval needs a finished run "
-                             f"(or `dreamloom export {run.path}`).")
-    paths = [Path(p) for p in export[-1]["paths"]]
-    files = [p for p in paths if p.is_file()]
-    method = recipe.method
-    if method == "dreambooth":
-        folder = next((p for p in paths if p.is_dir()), None)
-        base = load_base(str(folder or files[0]))
-        return base, base.pipeline()
-    base = load_base(recipe.base.model)
-    pipe = base.pipeline()
-    if method == "lora":
-        attach_loras(pipe, base, [(files[0], 1.0)])
-    elif method == "hypernetwork":
-        attach_hypernetworks(pipe, base, [(files[0], 1.0)])
-    elif method == "textual_inversion":
-        attach_embeddings(pipe, base, [next(p for p in files if p.suffix in (".safetensors", ".pt"))])
-    elif method == "pivotal":
-        bundle = next((p for p in files if p.suffix == ".safetensors" and read_bundle(p)[1]), None)
-        if bundle is None:
-            raise DreamloomError(f"run '{run.path}': eval of a pivotal run needs its bundle export "
-                                 "(export.formats must include 'bundle').")
-        attach_loras(pipe, base, [(bundle, 1.0)])
-    else:
-        raise DreamloomError(f"eval does not know method '{method}'.")
-    return base, pipe
-
-
-def training_images(run) -> list[Image.Image]:
-    """The pictures the run trained on (what the subject is, for the metrics)."""
-    paths = [Path(item["file"]) for item in run.dataset_manifest()]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing or not paths:
-        raise DreamloomError(f"run '{run.path}': its training pictures are needed to know the subject, but "
-                             f"{', '.join(missing) or 'dataset.json lists none'} cannot be found; put them back "
-                             "where the run found them.")
-    return [Image.open(p).convert("RGB") for p in paths]
-
-
 def _on_toy_arch(spec: str) -> bool:
     from ..models import spec_arch
 
@@ -260,7 +211,7 @@ def _on_toy_arch(spec: str) -> bool:
 def evaluate_run(run_path, settings: Settings | None = None, base_metrics: dict | None = None,
                  only: tuple[str, ...] | None = None) -> dict:
     """Evaluate a run and the untouched base on the same prompts; writes <run>/eval/."""
-    from ..jobs.rundir import RunDir
+    from ..rundir import RunDir
     from ..models import load_base
 
     settings = settings or Settings()

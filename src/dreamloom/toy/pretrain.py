@@ -24,7 +24,7 @@ import torch
 from ..atomic import atomic_dir
 from ..models.base import build_random
 from ..models.configs import ARCHS
-from .base import save_toy_base
+from ..models.toy import save_toy_base
 from .judge import to_pixels
 from .world import pretraining_example, random_scene, render
 
@@ -91,7 +91,7 @@ STAGES = ({}, {"train.steps": 3000, "train.learning_rate": 3e-4, "train.lr_warmu
 
 def _stage_run(runs: Path, values: dict, overrides: list[str]):
     """The stage's run, trained to its end: resumed if it was killed, started if there is none."""
-    from ..jobs.rundir import RunDir
+    from ..rundir import RunDir
     from ..recipes import resolve_recipe
     from ..trainers.run import resume_run, start_run
 
@@ -108,7 +108,7 @@ def pretrain(out: Path, images: int = 16000, vae_steps: int = 1500, steps: int |
     """The whole pretraining into `out`; returns the fp16 base file. Rerun with the same `out`, it
     continues where it stopped (a killed stage resumes from its last checkpoint)."""
     from ..models import load_base
-    from .base import load_toy_base
+    from ..models.toy import load_toy_base
 
     out.mkdir(parents=True, exist_ok=True)
     data = write_pretraining_set(out / "data", images, seed)

@@ -1,4 +1,4 @@
-"""DreamBooth: the whole UNet (and optionally the text encoder) learns the subject.
+"""DreamBooth: the whole UNet (and optionally the text encoders) learns the subject.
 
 Prior preservation, EMA, the fused backward pass and bf16 weights are the loop's features
 (recipe keys [prior] and [train]); this method only says which weights train and how the
@@ -7,67 +7,92 @@ result is saved.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from pathlib import Path
 
-from ..atomic import atomic_dir
-from ..export.files import DTYPES, refuse_overwrite
-from ..export.ldm_checkpoint import save_single_file
-from .method import Method, ParamGroups, unwrap
+from pydantic import Field
+
+from ..recipes.sections import Section
+from .method import Format, Method, ParamGroups, freeze, part_learning_rate, unwrap
+
+
+class DreamboothSection(Section):
+    train_text_encoder: bool = False
+    text_encoder_steps: int | None = Field(None, ge=0, description="stop training the text encoder after this step; empty: never")
 
 
 class DreamboothMethod(Method):
     name = "dreambooth"
+    sections = {"dreambooth": DreamboothSection}
+    formats = (
+        Format("single_file", "{name}.safetensors", "A1111/Forge, ComfyUI, InvokeAI, diffusers",
+               companion=(".yaml", "A1111/Forge, next to an SD 2 v-prediction model")),
+        Format("diffusers", "diffusers", "diffusers (from_pretrained)"),
+    )
+    help = "DreamBooth: trains the whole model. Strongest likeness, a full-size model file (GBs), needs a big GPU."
+    toy_recipe = "toy-dreambooth"
+    toy_variants = {"dreambooth-no-prior": ("toy-dreambooth", ("prior.enabled=false",))}  # what prior preservation buys
+    full_finetune = True
 
-    @property
-    def trainable_modules(self) -> tuple[str, ...]:
-        return ("unet", "text_encoder") if self.recipe.dreambooth.train_text_encoder else ("unet",)
+    def trainable_parts(self, base) -> tuple[str, ...]:
+        return ("unet", *base.family.text_encoders) if self.recipe.dreambooth.train_text_encoder else ("unet",)
 
     def prepare(self, base) -> ParamGroups:
-        base.vae.requires_grad_(False)
-        base.text_encoder.requires_grad_(False)
-        train = self.recipe.train
+        freeze(base)
         groups = []
-        for part in self.trainable_modules:
+        for part in self.trainable_parts(base):
             module = getattr(base, part)
             module.requires_grad_(True)
-            lr = train.learning_rate if part == "unet" else (train.text_encoder_lr or train.learning_rate)
-            groups.append({"params": [p for p in module.parameters()], "lr": lr})
+            groups.append({"params": [p for p in module.parameters()], "lr": part_learning_rate(self.recipe.train, part)})
         return groups
 
     def before_step(self, base, step: int) -> None:
         stop = self.recipe.dreambooth.text_encoder_steps
-        if "text_encoder" in self.trainable_modules and stop is not None and step >= stop:
-            unwrap(base.text_encoder).requires_grad_(False)  # its gradients stop; the optimizer skips it
+        if stop is not None and step >= stop:
+            for part in self.trainable_parts(base):
+                if part in base.family.text_encoders:  # its gradients stop; the optimizer skips it
+                    unwrap(getattr(base, part)).requires_grad_(False)
 
     def state_dict(self, base) -> dict:
-        return {f"{part}.{k}": v for part in self.trainable_modules
-                for k, v in unwrap(getattr(base, part)).state_dict().items()}
+        from ..statedicts import join_parts
+
+        return join_parts({part: unwrap(getattr(base, part)).state_dict() for part in self.trainable_parts(base)})
 
     def load_state_dict(self, base, state) -> None:
-        for part in self.trainable_modules:
-            prefix = f"{part}."
-            unwrap(getattr(base, part)).load_state_dict(
-                {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+        from ..statedicts import part_of
+
+        for part in self.trainable_parts(base):
+            unwrap(getattr(base, part)).load_state_dict(part_of(state, part), strict=True)
 
     def export(self, base, run, formats, overwrite=False) -> list[Path]:
-        name = self.recipe.output_name
-        written = []
+        import copy
+
+        from ..atomic import atomic_dir
+        from ..export.files import DTYPES, refuse_overwrite
+        from ..export.ldm_checkpoint import save_single_file
+
+        recipe, written = self.recipe, []
         if "single_file" in formats:
-            metadata = {"modelspec.title": name, "modelspec.trigger_phrase": self.recipe.data.trigger,
-                        "modelspec.resolution": f"{self.recipe.data.resolution}x{self.recipe.data.resolution}"}
-            written.append(save_single_file(base, run.exports / f"{name}.safetensors",
-                                            dtype=self.recipe.export.dtype, metadata=metadata, overwrite=overwrite))
+            res = recipe.data.resolution
+            metadata = {"modelspec.title": recipe.output_name, "modelspec.trigger_phrase": recipe.data.trigger,
+                        "modelspec.resolution": f"{res}x{res}"}
+            written.append(save_single_file(base, self.export_path(run, "single_file"), dtype=recipe.export.dtype,
+                                            metadata=metadata, overwrite=overwrite))
         if "diffusers" in formats:
-            folder = run.exports / "diffusers"
+            folder = self.export_path(run, "diffusers")
             refuse_overwrite(folder, overwrite)
-            dtype = DTYPES[self.recipe.export.dtype]
+            dtype = DTYPES[recipe.export.dtype]
             # Cast copies where the dtype differs: the trained model itself must stay as it is.
-            parts = {part: getattr(base, part) for part in ("unet", "vae", "text_encoder")}
-            parts = {k: m if m.dtype == dtype else copy.deepcopy(m).to(dtype) for k, m in parts.items()}
+            parts = {k: m if m.dtype == dtype else copy.deepcopy(m).to(dtype) for k, m in base.modules().items()}
             with atomic_dir(folder) as tmp:
-                dataclasses.replace(base, **parts).pipeline().save_pretrained(tmp)
+                base.with_modules(**parts).pipeline().save_pretrained(tmp)
             del parts
             written.append(folder)
         return written
+
+    @classmethod
+    def sampling_model(cls, run, files):
+        """The exported model itself (its diffusers folder, else its single file), as a user loads it."""
+        from ..models import load_base
+
+        base = load_base(str(files.get("diffusers") or files["single_file"]))
+        return base, base.pipeline()

@@ -68,6 +68,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.optimizers[p].step()
         p.grad = None
 
+    @property
+    def schedulable(self):
+        """What the LR schedule steers: this optimizer, whose param_groups are the per-weight ones."""
+        return self
+
+    def clip(self) -> None:  # each weight's gradient was clipped in its hook
+        pass
+
     def step(self, closure=None):  # the hooks already stepped every weight
         return None
 
@@ -81,6 +89,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         for opt, opt_state in zip(self.optimizers.values(), state["optimizers"], strict=True):
             opt.load_state_dict(opt_state)
 
-    def remove_hooks(self) -> None:
+    def close(self) -> None:
         for hook in self.hooks:
             hook.remove()

@@ -4,18 +4,34 @@ precision and resume, none of which A1111's own trainer has."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from ..errors import RecipeError
-from ..export.hypernetwork import write_hypernetwork_pt, write_hypernetwork_safetensors
-from ..models.hypernetwork import (
-    PORTABLE_ACTIVATIONS, Hypernetwork, HypernetworkConfig, a1111_activations, attach_hypernetwork,
-    context_widths, default_dropout_structure,
-)
-from .method import Method, ParamGroups
+from ..recipes.sections import Section
+from .method import Format, Method, ParamGroups, freeze
 
 
-def config_from_section(section) -> HypernetworkConfig:
+class HypernetworkSection(Section):
+    """AUTOMATIC1111's hypernetwork: per context width, two MLPs that shift attention's k and v."""
+
+    layer_structure: list[float] = Field(default_factory=lambda: [1.0, 2.0, 1.0])
+    activation: str = Field("linear", description="linear relu leakyrelu elu swish tanh sigmoid softsign mish")
+    layer_norm: bool = False
+    dropout: bool = False
+    dropout_structure: list[float] | None = Field(None, description="per layer; empty: A1111's default for `dropout`")
+    last_layer_dropout: bool = False
+    activate_output: bool = False
+    weight_init: Literal["Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal"] = "Normal"
+    allow_unportable: bool = Field(False, description="allow an activation ComfyUI cannot load (A1111 only)")
+
+
+def config_from_section(section):
     """The recipe's [hypernetwork] section as a network config; RecipeError naming key and fix."""
+    from ..models.hypernetwork import (PORTABLE_ACTIVATIONS, HypernetworkConfig, a1111_activations,
+                                       default_dropout_structure)
+
     ls = list(section.layer_structure)
     if len(ls) < 2 or ls[0] != 1 or ls[-1] != 1 or any(x <= 0 for x in ls):
         raise RecipeError(
@@ -36,6 +52,9 @@ def config_from_section(section) -> HypernetworkConfig:
         raise RecipeError(f"hypernetwork.activation = '{name}' needs arguments, which the file format cannot "
                           f"hold; choose one of {', '.join(PORTABLE_ACTIVATIONS)}.") from None
     dropout = section.dropout_structure
+    if dropout is not None and section.last_layer_dropout:
+        raise RecipeError("hypernetwork.last_layer_dropout is ignored when hypernetwork.dropout_structure is given "
+                          "(the structure says each layer's dropout, the last hidden one included); remove one of them.")
     if dropout is None:
         dropout = default_dropout_structure(ls, section.dropout, section.last_layer_dropout)
     elif not section.dropout and any(dropout):
@@ -54,19 +73,30 @@ def config_from_section(section) -> HypernetworkConfig:
 
 class HypernetworkMethod(Method):
     name = "hypernetwork"
+    sections = {"hypernetwork": HypernetworkSection}
+    formats = (
+        Format("pt", "{name}.pt", "A1111/Forge, ComfyUI", attach="hypernetwork"),
+        Format("safetensors", "{name}.safetensors", "dreamloom's sampler", attach="hypernetwork"),
+    )
+    help = "Hypernetwork: small networks that nudge attention (A1111 style). Mostly for styles."
+    toy_recipe = "toy-hypernetwork"
 
     def __init__(self, recipe):
         super().__init__(recipe)
         self.config = config_from_section(recipe.hypernetwork)  # bad settings fail before any work
-        self.network: Hypernetwork | None = None
+        self.network = None
 
     def prepare(self, base) -> ParamGroups:
-        for part in ("unet", "vae", "text_encoder"):
-            getattr(base, part).requires_grad_(False)
+        from ..models.hypernetwork import Hypernetwork, attach_hypernetwork, context_widths
+
+        freeze(base)
         self.network = Hypernetwork(self.config, context_widths(base.unet)).to(base.unet.device)
         # Trained at strength 1: A1111 ignores the strength while training, too.
         attach_hypernetwork(base.unet, self.network, 1.0)
         return [{"params": list(self.network.parameters()), "lr": self.recipe.train.learning_rate}]
+
+    def initially_zero(self, name: str) -> bool:
+        return "processor.networks." in name and name.endswith("bias")
 
     def state_dict(self, base) -> dict:
         return self.network.state_dict()
@@ -78,5 +108,8 @@ class HypernetworkMethod(Method):
                              f"unexpected {result.unexpected_keys[:3]}")
 
     def export(self, base, run, formats, overwrite=False) -> list[Path]:
+        from ..export.hypernetwork import write_hypernetwork_pt, write_hypernetwork_safetensors
+
         writers = {"pt": write_hypernetwork_pt, "safetensors": write_hypernetwork_safetensors}
-        return [writers[f](run, base, self.recipe, self.network, overwrite=overwrite) for f in formats]
+        return [writers[f](self.export_path(run, f), run, base, self.recipe, self.network, overwrite=overwrite)
+                for f in formats]

@@ -1,15 +1,13 @@
-"""The one training loop every method runs in. Read it top to bottom: set-up, steps, end."""
+"""The one training loop every method runs in. Read it top to bottom: `train` sets up, runs the
+steps and finishes; each of those three is one function below."""
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import resource
-import signal
-import threading
 import time
 import traceback
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from contextlib import ExitStack, nullcontext, suppress
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -21,17 +19,16 @@ from ..datasets import load_items
 from ..errors import DreamloomError, RecipeError, TrainingStopped
 from ..models import Base, load_base
 from ..paths import free_bytes, human_bytes
-from ..sampling import generate, make_grid
 from .checkpoint import load_checkpoint, register_hooks, save_checkpoint
-from .data import TrainingData
+from .data import TrainingData, TrainingStream
 from .ema import Ema
-from .fused import FusedOptimizer
-from .method import Method, unwrap
-from .optim import WEIGHT_DTYPES, make_optimizer, resolve_mixed_precision
+from .method import Method
+from .mfu import StepFlops
+from .observe import StopRequest, first_loss, measure_loss, peak_memory_mb, save_samples
+from .optim import WEIGHT_DTYPES, prepare_optimizer, resolve_mixed_precision
+from .parts import cast_for_precision, enable_gradient_checkpointing, offload_cached, unwrapped
 from .prior import class_items
 from .registry import get_method
-
-PARTS = ("unet", "vae", "text_encoder")
 
 
 def dataset_items(recipe):
@@ -40,91 +37,25 @@ def dataset_items(recipe):
                       caption_template=d.caption_template, min_image_size=d.min_image_size)
 
 
-def plain(base: Base) -> Base:
-    """The base with accelerator wrappers removed: for sampling and exporting."""
-    return dataclasses.replace(base, unet=unwrap(base.unet), text_encoder=unwrap(base.text_encoder))
+@dataclass
+class TrainState:
+    """Everything the steps share, made once by `set_up`."""
 
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
-
-
-def cast_for_precision(base: Base, dtype: torch.dtype, keep_trained: bool) -> None:
-    """Frozen weights in the compute dtype (half the memory). Trained weights stay fp32 unless
-    the recipe keeps them in bf16 (stochastic rounding takes care of their updates)."""
-    if dtype == torch.float32:
-        return
-    for name in PARTS:
-        for p in getattr(base, name).parameters():
-            if not p.requires_grad or keep_trained:
-                p.data = p.data.to(dtype)
-
-
-@contextmanager
-def parts_on(base: Base, device: torch.device):
-    """Bring offloaded parts (VAE, frozen text encoder) to the device for sampling, then back."""
-    where = {name: next(getattr(base, name).parameters()).device for name in PARTS}
-    for name in PARTS:
-        getattr(base, name).to(device)
-    try:
-        yield
-    finally:
-        for name, dev in where.items():
-            getattr(base, name).to(dev)
-
-
-@torch.no_grad()
-def measure_loss(method: Method, base: Base, data: TrainingData, n: int = 16) -> float:
-    """Loss on the training images with fixed noise and timesteps: comparable across a run."""
-    losses = []
-    for k in range(n):
-        g = torch.Generator().manual_seed(1_000_000 + k)
-        losses.append(method.loss(base, data.make_batch([k % len(data.items)], g)).item())
-    return sum(losses) / n
-
-
-def first_loss(run) -> float | None:
-    """The loss measured when the run first started (a resumed run reports against it)."""
-    return next((e.get("loss_before") for e in run.events() if e["event"] == "start"), None)
-
-
-def save_samples(run, recipe, base: Base, step: int, accelerator: Accelerator) -> None:
-    s = recipe.sample
-    prompts = [recipe.fill(p) for p in s.prompts]
-    with parts_on(base, accelerator.device), accelerator.autocast():
-        images = generate(plain(base).pipeline(), prompts, negative_prompt=s.negative_prompt, steps=s.steps,
-                          guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt)
-    run.samples.mkdir(exist_ok=True)
-    path = run.samples / f"step-{step:08d}.png"
-    make_grid(images, cols=s.images_per_prompt).save(path)
-    run.log("sample", step=step, path=str(path), prompts=prompts)
-
-
-class StopRequest:
-    """SIGTERM (a cancel from the job queue, the worker's death, `kill`) and Ctrl-C ask training to
-    stop after the current step, with a checkpoint, rather than losing the work since the last one.
-    A second Ctrl-C stops at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            if self.requested:
-                raise KeyboardInterrupt
-            print("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)", flush=True)
-        self.requested = True
-
-    def close(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+    run: object
+    recipe: object
+    method: Method
+    base: Base
+    accelerator: Accelerator
+    modules: list  # the trained parts, as the accelerator prepared them
+    optimizer: object  # StandardOptimizer | FusedOptimizer: begin_step, clip, step, close
+    lr_scheduler: object
+    stream: TrainingStream
+    params: list
+    ema: Ema | None
+    start: int
+    loss_before: float
+    flops: StepFlops
+    lr: float = 0.0  # the rate the latest step used
 
 
 def train(run, base: Base | None = None, items=None) -> list:
@@ -132,7 +63,19 @@ def train(run, base: Base | None = None, items=None) -> list:
     exported files. Every event lands in the run's events.jsonl."""
     stop = StopRequest()
     try:
-        return _train(run, base, items, stop)
+        state = set_up(run, base, items)
+        t = state.recipe.train
+        with tqdm(total=t.steps, initial=state.start, desc=state.recipe.name,
+                  disable=not state.accelerator.is_main_process) as bar:
+            timer = (time.perf_counter(), state.start)
+            for step in range(state.start, t.steps):
+                loss = train_step(state, step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                timer = log_step(state, step + 1, loss, timer)
+                if step + 1 < t.steps:
+                    between_steps(state, step + 1, stop)
+        return finish(state)
     except TrainingStopped as exc:
         run.log("stopped", message=str(exc))
         raise
@@ -153,12 +96,16 @@ def train(run, base: Base | None = None, items=None) -> list:
         stop.close()
 
 
-def _train(run, base, items, stop: StopRequest):
+def set_up(run, base, items) -> TrainState:
+    """The accelerator, the method on the base, the data, the optimizer and schedule, then the
+    state of the latest checkpoint (if any) restored."""
     recipe = run.recipe()
     t = recipe.train
     items = items if items is not None else dataset_items(recipe)
     base = base if base is not None else load_base(recipe.base.model)
     method = get_method(recipe.method)(recipe)
+    for note in recipe.notes():
+        run.log("warning", message=note)
 
     precision = resolve_mixed_precision(t.mixed_precision, PartialState().device)
     if t.weights_dtype == "bf16" and precision != "bf16":
@@ -168,126 +115,117 @@ def _train(run, base, items, stop: StopRequest):
     if t.fused_backward and accelerator.num_processes > 1:
         raise RecipeError("train.fused_backward steps weights before gradients are averaged across GPUs; "
                           "turn it off for multi-GPU runs.")
-    device = accelerator.device
     torch.manual_seed(t.seed)
-    base.to(device)
+    base.to(accelerator.device)
 
-    prior = None
+    classes = None
     if recipe.prior.enabled:  # generated from the untouched base, before any training memory exists
         with accelerator.autocast():
-            prior_items, made = class_items(recipe, base, log=lambda m: print(m, flush=True))
-        run.log("class_images", count=len(prior_items), generated=made, folder=str(prior_items[0].path.parent))
+            class_list, made = class_items(recipe, base, log=lambda m: print(m, flush=True))
+        run.log("class_images", count=len(class_list), generated=made, folder=str(class_list[0].path.parent))
 
     groups = method.prepare(base)
+    parts = method.trainable_parts(base)
     if t.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        if "text_encoder" in method.trainable_modules:
-            base.text_encoder.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(base, parts)
     cast_for_precision(base, WEIGHT_DTYPES[precision], keep_trained=t.weights_dtype == "bf16")
     data = TrainingData(items, recipe, base)
     if recipe.prior.enabled:
-        prior = TrainingData(prior_items, recipe, base, seed=t.seed + 1, repeats=1)
-    if device.type == "cuda":  # latents and captions are cached: those parts wait in CPU memory
-        if data.cached:
-            base.vae.to("cpu")
-        if data.hidden_states is not None:
-            base.text_encoder.to("cpu")
+        classes = TrainingData(class_list, recipe, base, seed=t.seed + 1, repeats=1)
+    if accelerator.device.type == "cuda":  # latents and captions are cached: those parts wait in CPU memory
+        offload_cached(base, data.cached, data.cond is not None)
 
     params = [p for g in groups for p in g["params"]]
-    names = method.trainable_modules
-    if t.fused_backward:
-        optimizer = FusedOptimizer(t, groups, seed=t.seed)
-        modules = accelerator.prepare(*[getattr(base, n) for n in names])
-        modules = list(modules) if isinstance(modules, (list, tuple)) else [modules]
-        accelerator.register_for_checkpointing(optimizer)
-    else:
-        *modules, optimizer = accelerator.prepare(*[getattr(base, n) for n in names], make_optimizer(t, groups))
-    for name, module in zip(names, modules):
-        setattr(base, name, module)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+    modules, optimizer = prepare_optimizer(t, groups, accelerator, [getattr(base, n) for n in parts], params)
+    base = base.with_modules(**dict(zip(parts, modules)))
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer.schedulable, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.steps)
     accelerator.register_for_checkpointing(lr_scheduler)
     ema = Ema(params, t.ema_decay, t.ema_on_cpu) if t.ema else None
     register_hooks(accelerator, method, base, ema)
 
-    start = 0
     latest = run.latest_checkpoint()
-    if latest is not None:
-        start = load_checkpoint(accelerator, latest)
+    start = load_checkpoint(accelerator, latest) if latest is not None else 0
     method.before_step(base, start)
     loss_before = measure_loss(method, base, data) if start == 0 else first_loss(run)
     run.log("start", method=method.name, base=base.spec, steps=t.steps, resumed_from=start,
-            device=str(device), mixed_precision=precision, images=len(items),
-            class_images=len(prior.items) if prior else 0,
+            device=str(accelerator.device), mixed_precision=precision, images=len(items),
+            class_images=len(classes.items) if classes else 0,
             trainable_params=sum(p.numel() for p in params), loss_before=loss_before)
-
     for module in modules:
         module.train()
-    bar = tqdm(total=t.steps, initial=start, desc=recipe.name, disable=not accelerator.is_main_process)
-    try:
-        last_time, last_step = time.perf_counter(), start
-        for step in range(start, t.steps):
-            torch.manual_seed(t.seed + step)  # dropout and the like: same per step after a resume
-            method.before_step(base, step)
-            step_loss = 0.0
-            for micro in range(t.gradient_accumulation):
-                last_micro = micro == t.gradient_accumulation - 1
-                if t.fused_backward:
-                    optimizer.begin_step(step, last_micro)
-                with ExitStack() as stack:
-                    if not last_micro:  # sync gradients across GPUs only once per step
-                        for module in modules:
-                            stack.enter_context(accelerator.no_sync(module))
-                    batch = data.batch(step, micro)
-                    if prior:
-                        batch = batch.with_prior(prior.batch(step, micro), recipe.prior.loss_weight)
-                    loss = method.loss(base, batch) / t.gradient_accumulation
-                    accelerator.backward(loss)
-                step_loss += loss.item()
-            if t.max_grad_norm and not t.fused_backward:  # the fused pass clips inside its hooks
-                accelerator.clip_grad_norm_(params, t.max_grad_norm)
-            lr = lr_scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema:
-                ema.step()
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
+    stream = TrainingStream(data, classes, recipe.prior.loss_weight)
+    return TrainState(run, recipe, method, base, accelerator, modules, optimizer, lr_scheduler, stream, params, ema,
+                      start, loss_before, StepFlops(accelerator.device, precision))
 
-            if done % t.log_every == 0 or done == t.steps:
-                now = time.perf_counter()
-                it_s = (done - last_step) / max(now - last_time, 1e-9)
-                run.log("step", step=done, loss=step_loss, lr=lr, it_s=round(it_s, 3),
-                        images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
-                        peak_mem_mb=round(peak_memory_mb(device), 1))
-                last_time, last_step = now, done
-            if done < t.steps and (stop.requested or (t.checkpoint_every and done % t.checkpoint_every == 0)):
-                path = save_checkpoint(accelerator, run, done, t.keep_checkpoints)
-                run.log("checkpoint", step=done, path=str(path))
-            if stop.requested and done < t.steps:
-                raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
-                                      f"continue with `dreamloom train --resume {run.path}`")
-            if t.sample_every and done % t.sample_every == 0 and done < t.steps and accelerator.is_main_process:
-                with ema.applied() if ema else nullcontext():
-                    save_samples(run, recipe, base, done, accelerator)
-    finally:
-        bar.close()
-    if t.fused_backward:
-        optimizer.remove_hooks()
 
+def train_step(state: TrainState, step: int) -> float:
+    """One optimizer step over gradient_accumulation micro-batches; returns its loss."""
+    t, accelerator, optimizer = state.recipe.train, state.accelerator, state.optimizer
+    torch.manual_seed(t.seed + step)  # dropout and the like: same per step after a resume
+    state.method.before_step(state.base, step)
+    step_loss = 0.0
+    with state.flops.counting():  # the FLOPs of the first step, once, for the MFU (CUDA only)
+        for micro in range(t.gradient_accumulation):
+            last_micro = micro == t.gradient_accumulation - 1
+            optimizer.begin_step(step, last_micro)
+            with ExitStack() as stack:
+                if not last_micro:  # sync gradients across GPUs only once per step
+                    for module in state.modules:
+                        stack.enter_context(accelerator.no_sync(module))
+                loss = state.method.loss(state.base, state.stream.batch(step, micro)) / t.gradient_accumulation
+                accelerator.backward(loss)
+            step_loss += loss.item()
+    optimizer.clip()
+    state.lr = state.lr_scheduler.get_last_lr()[0]  # the rate this step used
+    optimizer.step()
+    state.lr_scheduler.step()
+    if state.ema:
+        state.ema.step()
+    return step_loss
+
+
+def log_step(state: TrainState, done: int, loss: float, timer: tuple[float, int]) -> tuple[float, int]:
+    t = state.recipe.train
+    if done % t.log_every and done != t.steps:
+        return timer
+    now = time.perf_counter()
+    it_s = (done - timer[1]) / max(now - timer[0], 1e-9)
+    state.run.log("step", step=done, loss=loss, lr=state.lr, it_s=round(it_s, 3),
+                  images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
+                  peak_mem_mb=round(peak_memory_mb(state.accelerator.device), 1), **state.flops.mfu(it_s))
+    return now, done
+
+
+def between_steps(state: TrainState, done: int, stop: StopRequest) -> None:
+    """A checkpoint when due or asked for (then stop, if asked), validation samples when due."""
+    t, run = state.recipe.train, state.run
+    if stop.requested or (t.checkpoint_every and done % t.checkpoint_every == 0):
+        path = save_checkpoint(state.accelerator, run, done, t.keep_checkpoints)
+        run.log("checkpoint", step=done, path=str(path))
+    if stop.requested:
+        raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
+                              f"continue with `dreamloom train --resume {run.path}`")
+    if t.sample_every and done % t.sample_every == 0 and state.accelerator.is_main_process:
+        with state.ema.applied() if state.ema else nullcontext():
+            save_samples(run, state.recipe, state.base, done, state.accelerator)
+
+
+def finish(state: TrainState) -> list:
+    """The last checkpoint, then (main process) the final loss, samples and exports with the EMA weights."""
+    t, run, accelerator = state.recipe.train, state.run, state.accelerator
+    state.optimizer.close()
     path = save_checkpoint(accelerator, run, t.steps, t.keep_checkpoints)
     run.log("checkpoint", step=t.steps, path=str(path))
     exports = []
     if accelerator.is_main_process:
-        for module in modules:
+        for module in state.modules:
             module.eval()
-        with ema.applied() if ema else nullcontext():  # samples and exports show the EMA weights
-            loss_after = measure_loss(method, base, data)
-            save_samples(run, recipe, base, t.steps, accelerator)
-            exports = method.export(plain(base), run, recipe.export.formats)
+        with state.ema.applied() if state.ema else nullcontext():  # samples and exports show the EMA weights
+            loss_after = measure_loss(state.method, state.base, state.stream.data)
+            save_samples(run, state.recipe, state.base, t.steps, accelerator)
+            exports = state.method.export(unwrapped(state.base), run, state.recipe.export.formats)
         run.log("export", paths=[str(p) for p in exports])
-        run.log("end", step=t.steps, loss_before=loss_before, loss_after=loss_after)
+        run.log("end", step=t.steps, loss_before=state.loss_before, loss_after=loss_after)
     accelerator.end_training()
     return exports

@@ -10,15 +10,19 @@ from diffusers.training_utils import compute_snr
 
 if TYPE_CHECKING:
     from ..models import Base
-    from ..recipes.schema import TrainSection
-    from .method import Batch
+    from ..recipes.sections import TrainSection
+    from .batch import Batch
 
 
-def encode_prompt(base: "Base", input_ids: torch.Tensor) -> torch.Tensor:
-    """Text-encoder hidden states; gradients flow only when the text encoder has trainable weights."""
-    trainable = any(p.requires_grad for p in base.text_encoder.parameters())
-    with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-        return base.text_encoder(input_ids.to(base.text_encoder.device))[0]
+def predict(base: "Base", noisy: torch.Tensor, timesteps: torch.Tensor, batch: "Batch") -> torch.Tensor:
+    """The UNet's prediction for a batch: conditioned on its cached text states, or on the text
+    encoders' output now (when one of them trains), as the base's family calls its UNet."""
+    family, device = base.family, base.unet.device
+    cond = batch.cond if batch.cond is not None else family.encode(base, batch.tokens)
+    unet_dtype = next(base.unet.parameters()).dtype
+    kwargs = family.unet_kwargs(cond.to(device, unet_dtype), batch.original_size, batch.crop_top_left,
+                                (noisy.shape[-2] * 8, noisy.shape[-1] * 8))
+    return base.unet(noisy.to(unet_dtype), timesteps, **kwargs).sample.float()
 
 
 def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,10 +38,7 @@ def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: t
     noise, timesteps = noise.to(device), timesteps.to(device)
 
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    hidden = batch.hidden_states if batch.hidden_states is not None else encode_prompt(base, batch.input_ids)
-    hidden = hidden.to(device)
-    unet_dtype = next(base.unet.parameters()).dtype
-    pred = base.unet(noisy.to(unet_dtype), timesteps, hidden.to(unet_dtype)).sample.float()
+    pred = predict(base, noisy, timesteps, batch)
 
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)

@@ -41,3 +41,43 @@ def resolve_mixed_precision(requested: str, device: torch.device) -> str:
 
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class StandardOptimizer:
+    """An ordinary optimizer (as the accelerator prepared it) in the shape the loop drives:
+    begin_step, clip, step, close. FusedOptimizer has the same shape and steps in backward hooks."""
+
+    def __init__(self, optimizer, accelerator, params: list, max_grad_norm: float):
+        self.optimizer, self.accelerator, self.params, self.max_grad_norm = optimizer, accelerator, params, max_grad_norm
+
+    @property
+    def schedulable(self):
+        """What the LR schedule steers."""
+        return self.optimizer
+
+    def begin_step(self, step: int, last_micro: bool) -> None:
+        pass
+
+    def clip(self) -> None:
+        if self.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        pass
+
+
+def prepare_optimizer(train, groups: ParamGroups, accelerator, modules: list, params: list):
+    """(the trained parts as the accelerator prepared them, the optimizer the loop drives)."""
+    if train.fused_backward:
+        from .fused import FusedOptimizer
+
+        optimizer = FusedOptimizer(train, groups, seed=train.seed)
+        prepared = accelerator.prepare(*modules)
+        accelerator.register_for_checkpointing(optimizer)
+        return (list(prepared) if isinstance(prepared, (list, tuple)) else [prepared]), optimizer
+    *prepared, optimizer = accelerator.prepare(*modules, make_optimizer(train, groups))
+    return prepared, StandardOptimizer(optimizer, accelerator, params, train.max_grad_norm)

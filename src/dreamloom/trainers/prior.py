@@ -27,9 +27,9 @@ def class_prompt(recipe) -> str:
 
 def class_cache_dir(recipe, base) -> Path:
     p = recipe.prior
-    key = json.dumps([module_fingerprint(base.unet), module_fingerprint(base.text_encoder),
-                      module_fingerprint(base.vae), class_prompt(recipe), recipe.data.resolution,
-                      p.generation_steps, p.generation_guidance])
+    parts = ("unet", *base.family.text_encoders, "vae")
+    key = json.dumps([*(module_fingerprint(getattr(base, name)) for name in parts), class_prompt(recipe),
+                      recipe.data.resolution, p.generation_steps, p.generation_guidance])
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -7,16 +7,17 @@ checked is checked before a run directory exists, so bad input never leaves a ha
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from ..errors import DreamloomError, RecipeError
-from ..jobs import RunDir
+from ..rundir import RunDir
 from ..models import load_base, parse_base_spec
 from ..models.base import meta_base
 from ..paths import check_writable_folder
-from ..recipes.schema import METHOD_FORMATS
+from ..recipes.schema import method_formats
 from .checkpoint import load_trainable
 from .loop import dataset_items, train
 from .optim import check_precision
@@ -36,7 +37,13 @@ def preflight(recipe) -> int | None:
     if not spec.local:
         return None
     method = get_method(recipe.method)(recipe)
-    trained = {id(p): p for g in method.prepare(meta_base(spec.text)) for p in g["params"]}
+    try:
+        groups = method.prepare(meta_base(spec.text))
+    except DreamloomError:
+        raise
+    except (NotImplementedError, RuntimeError):  # a library step without meta support: checked on the real base
+        return None
+    trained = {id(p): p for g in groups for p in g["params"]}
     return sum(p.numel() for p in trained.values()) * 4
 
 
@@ -45,6 +52,8 @@ def check_run_inputs(recipe, out_root: str | Path | None = None) -> list:
     if not recipe.data.path:
         raise RecipeError("no training images: pass --data FOLDER (or set data.path in the recipe).")
     get_method(recipe.method)(recipe)  # a method checks its own settings on creation
+    for note in recipe.notes():  # settings that do nothing in this combination: said, not ignored silently
+        warnings.warn(note, UserWarning, stacklevel=2)
     check_precision(recipe.train)
     checkpoint_bytes = preflight(recipe)
     if out_root is not None:  # weights, optimizer state (x2 for Adam), two checkpoints at a time, exports
@@ -103,7 +112,7 @@ def export_run(path: str | Path, formats: list[str] | None = None, overwrite: bo
         raise DreamloomError(f"run '{run.path}' has no checkpoint at step {step}; it has {', '.join(map(str, steps))}.")
     checkpoint = run.checkpoint_dir(step if step is not None else steps[-1])
     recipe = run.recipe()
-    allowed = METHOD_FORMATS[recipe.method]
+    allowed = method_formats(recipe.method)
     unknown = [f for f in formats or [] if f not in allowed]
     if unknown:
         raise DreamloomError(f"{recipe.method} runs export {', '.join(allowed)}; not {', '.join(unknown)}.")

@@ -11,18 +11,43 @@ text-encoder weight, stays bit-identical, and AdamW's weight decay reaches nothi
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from pathlib import Path
+from typing import Literal
 
-import torch
-from torch import nn
+from pydantic import Field
 
 from ..errors import RecipeError
-from ..export.embeddings import export_embedding
-from .method import Method, ParamGroups, unwrap
-from .noise_loss import noise_loss
+from ..recipes.sections import Section
+from .method import Format, Method, ParamGroups, freeze, unwrap
+
+
+class TextualInversionSection(Section):
+    """New token(s) for data.trigger whose embedding vectors are the only weights that train."""
+
+    vectors: int = Field(1, ge=1, le=16, description="vectors (tokens) the trigger stands for: <trigger>, "
+                         "<trigger>_1, ...; more vectors hold more detail and need more steps")
+    init_word: str = Field("*", min_length=1, description="the vectors start from this word's embedding; a word "
+                           "of several tokens is laid across the vectors as A1111 does (vector i starts from "
+                           "token i*k//n of its k tokens): vectors = k starts from exactly the whole word")
+    template: Literal["object", "style", "caption"] = Field(
+        "object", description="object | style: each image's prompt is a template ('a photo of a {trigger}', "
+        "'a painting in the style of {trigger}', ...); caption: the dataset's captions (.txt or "
+        "data.caption_template), which must name the trigger")
+    learning_rate: float | None = Field(None, gt=0, description="the embedding's learning rate; "
+                                        "empty: train.learning_rate")
+    allow_known_trigger: bool = Field(False, description="train a trigger the tokenizer already knows as one token "
+                                      "(its old meaning is lost in prompts); warned instead of refused")
+
+
+# Embedding files are named after the trigger: other UIs take the prompt word from the file name.
+FORMATS = (
+    Format("a1111", "{trigger}.safetensors", "A1111/Forge, ComfyUI, InvokeAI", attach="embedding"),
+    Format("a1111_pt", "{trigger}.pt", "A1111/Forge, ComfyUI", attach="embedding"),
+    Format("diffusers", "diffusers/learned_embeds.safetensors", "diffusers (load_textual_inversion)",
+           attach="embedding"),
+)
 
 # A few of the templates of the paper's code (and diffusers' textual_inversion example).
 TEMPLATES = {
@@ -63,82 +88,36 @@ def check_trigger(tokenizer, trigger: str, vectors: int, allow_known: bool) -> s
     return None
 
 
-def init_vectors(tokenizer, matrix: torch.Tensor, init_word: str, vectors: int) -> torch.Tensor:
-    """[n, dim] starting values: the init word's token embeddings laid across the vectors as A1111
-    does (vector i starts from token i*k//n of its k tokens)."""
-    ids = tokenizer(init_word, add_special_tokens=False).input_ids
-    if not ids:
-        raise RecipeError(f"textual_inversion.init_word = {init_word!r} has no tokens; give a word such as 'object'.")
-    k = len(ids)
-    if k > vectors:
-        warnings.warn(
-            f"textual_inversion.init_word = {init_word!r} is {k} tokens {tokenizer.convert_ids_to_tokens(ids)} but the "
-            f"embedding has {vectors} vector(s): the vectors start from tokens "
-            f"{[i * k // vectors for i in range(vectors)]} only. Use a one-token init word, or vectors = {k}.",
-            UserWarning, stacklevel=3)
-    return torch.stack([matrix[ids[i * k // vectors]] for i in range(vectors)]).detach().float().clone()
+def trigger_embeddings(base) -> dict:
+    """The trigger's embedding in each text encoder, by part name."""
+    from ..models.embedding import TriggerEmbedding
 
-
-class TriggerEmbedding(nn.Module):
-    """A token embedding that reads ids first..first+n-1 from `vectors` (trained) and every other id
-    from the frozen embedding (never written)."""
-
-    def __init__(self, frozen: nn.Embedding, first_id: int, vectors: torch.Tensor):
-        super().__init__()
-        self.frozen = frozen
-        self.first_id = first_id
-        self.vectors = nn.Parameter(vectors.to(frozen.weight.device))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        offset = input_ids - self.first_id
-        new = (offset >= 0) & (offset < len(self.vectors))
-        old = self.frozen(input_ids.masked_fill(new, 0))
-        # Always in the graph (zero gradient when no trigger is present): DDP sees every parameter used.
-        rows = self.vectors.to(old.dtype)[offset.clamp(0, len(self.vectors) - 1)]
-        return torch.where(new.unsqueeze(-1), rows, old)
-
-    def matrix(self) -> torch.Tensor:
-        """The embedding matrix as a model with this embedding loaded has it (diffusers' layout)."""
-        return torch.cat([self.frozen.weight[:self.first_id].float(), self.vectors.detach().float()])
-
-
-def trigger_embedding(base) -> TriggerEmbedding:
-    module = unwrap(base.text_encoder).get_input_embeddings()
-    if not isinstance(module, TriggerEmbedding):
+    found = {part: unwrap(getattr(base, part)).get_input_embeddings() for part in base.family.text_encoders}
+    if not all(isinstance(e, TriggerEmbedding) for e in found.values()):
         raise RuntimeError("the text encoder has no trigger embedding; call the method's prepare first")
-    return module
+    return found
 
 
-def tokenizer_without_model(spec: str):
-    """The base's tokenizer where it can be had without loading the model (built-in bases, a diffusers
-    folder, a .safetensors checkpoint), so that a bad trigger is refused before any run exists;
-    else None (prepare checks it on the loaded base)."""
-    from ..models.tokenizer import build_tokenizer
+def trigger_vectors(base) -> dict:
+    """{text-encoder part: its trained [n, dim] vectors}, detached: what exports write."""
+    return {part: e.vectors.detach() for part, e in trigger_embeddings(base).items()}
 
-    if spec in ("tiny", "toy") or spec.startswith("random:"):
-        return build_tokenizer()
-    path = Path(spec).expanduser()
-    try:
-        if path.is_dir() and (path / "tokenizer").is_dir():
-            from transformers import CLIPTokenizer
 
-            return CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
-        if path.is_file() and path.suffix.lower() == ".safetensors":
-            from ..models.single_file import CLIP_TOKENS, OPEN_CLIP_TOKENS, detect_arch, load_tokenizer, read_header
-
-            shapes, metadata = read_header(path)
-            vocab_size = shapes[OPEN_CLIP_TOKENS if OPEN_CLIP_TOKENS in shapes else CLIP_TOKENS][0]
-            return load_tokenizer(path, detect_arch(path, shapes), vocab_size, metadata)
-    except Exception:  # loading the base reports what is wrong with it
-        return None
-    return None
+def embedding_key(base, part: str) -> str:
+    """The vectors' name in checkpoints: `embedding` (the first text encoder), `embedding.<part>` (others)."""
+    return EMBEDDING_KEY if part == base.family.text_encoders[0] else f"{EMBEDDING_KEY}.{part}"
 
 
 class TextualInversionMethod(Method):
     name = "textual_inversion"
-    trainable_modules = ("text_encoder",)  # the vectors live in the text encoder's token embedding
+    sections = {"textual_inversion": TextualInversionSection}
+    formats = FORMATS
+    help = ("Textual inversion: learns only a new word (an embedding of a few KB). Weakest, smallest, works with "
+            "any model of the family.")
+    toy_recipe = "toy-ti"
 
-    def __init__(self, recipe):
+    def __init__(self, recipe, inside: str | None = None):
+        """`inside`: the name of the method this one is part of (pivotal tuning), if any."""
         super().__init__(recipe)
         trigger = recipe.data.trigger
         if not TRIGGER_CHARS.match(trigger):
@@ -147,20 +126,26 @@ class TextualInversionMethod(Method):
                 "'_' or '-' (CLIP lowercases prompts, and other UIs use the file name, <trigger>.safetensors, as "
                 "the prompt word). E.g. --trigger mystyle.")
         self.warned = False
-        alone = recipe.method == self.name  # not inside pivotal tuning, where a LoRA trains too
-        if recipe.prior.enabled and (alone or self.section.template != "caption"):
+        if recipe.prior.enabled and (inside is None or self.section.template != "caption"):
             raise RecipeError(
                 "prior.enabled: textual inversion changes no weight the class word uses, so there is nothing to "
-                "preserve; turn prior preservation off." if alone else
+                "preserve; turn prior preservation off." if inside is None else
                 f"prior.enabled with textual_inversion.template = '{self.section.template}': the templates would "
                 "replace the class images' prompts too; use template = 'caption' with prior preservation.")
-        tokenizer = tokenizer_without_model(recipe.base.model)
-        if tokenizer is not None:
+        if inside is None and recipe.train.text_encoder_lr is not None:
+            raise RecipeError("train.text_encoder_lr: textual inversion trains no text-encoder weight, only the new "
+                              "vectors; set their rate with textual_inversion.learning_rate instead.")
+        from ..models.specs import spec_tokenizers
+
+        for tokenizer in spec_tokenizers(recipe.base.model) or ():
             self.check(tokenizer)
 
     @property
     def section(self):
         return self.recipe.textual_inversion
+
+    def trainable_parts(self, base) -> tuple[str, ...]:
+        return base.family.text_encoders  # the vectors live in the text encoders' token embeddings
 
     def check(self, tokenizer) -> None:
         warning = check_trigger(tokenizer, self.recipe.data.trigger, self.section.vectors,
@@ -169,33 +154,33 @@ class TextualInversionMethod(Method):
             warnings.warn(warning, UserWarning, stacklevel=2)
             self.warned = True
 
-    def install(self, base) -> nn.Parameter:
-        """Add the trigger's tokens to the tokenizer and its vectors to the text encoder (frozen elsewhere)."""
-        tokenizer, te = base.tokenizer, unwrap(base.text_encoder)
-        self.check(tokenizer)
-        frozen = te.get_input_embeddings()
-        start = init_vectors(tokenizer, frozen.weight, self.section.init_word, self.section.vectors)
+    def install(self, base) -> list:
+        """Add the trigger's tokens to each tokenizer and its vectors to each text encoder (frozen elsewhere)."""
+        from ..models.embedding import init_vectors, install_embedding
+
+        vectors = []
         names = token_names(self.recipe.data.trigger, self.section.vectors)
-        tokenizer.add_tokens(names)
-        ids = tokenizer.convert_tokens_to_ids(names)
-        if ids != list(range(ids[0], ids[0] + len(ids))) or ids[0] != len(tokenizer) - len(ids):
-            raise RuntimeError(f"the tokenizer gave the new tokens ids {ids}, not the last consecutive ones")
-        embedding = TriggerEmbedding(frozen, ids[0], start)
-        te.set_input_embeddings(embedding)
-        return embedding.vectors
+        for tokenizer_name, part in zip(base.family.tokenizers, base.family.text_encoders):
+            tokenizer, te = getattr(base, tokenizer_name), unwrap(getattr(base, part))
+            self.check(tokenizer)
+            start = init_vectors(tokenizer, te.get_input_embeddings().weight, self.section.init_word,
+                                 self.section.vectors)
+            vectors.append(install_embedding(tokenizer, te, names, start).vectors)
+        return vectors
 
     def prepare(self, base) -> ParamGroups:
-        for part in ("unet", "vae", "text_encoder"):
-            getattr(base, part).requires_grad_(False)
+        freeze(base)
         return [self.param_group(self.install(base))]
 
-    def param_group(self, vectors: nn.Parameter) -> dict:
-        return {"params": [vectors], "lr": self.section.learning_rate or self.recipe.train.learning_rate}
+    def param_group(self, vectors: list) -> dict:
+        return {"params": vectors, "lr": self.section.learning_rate or self.recipe.train.learning_rate}
 
-    def prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
+    def prompts(self, captions: list[str], generator) -> list[str]:
         """Training prompts: a template per image (object, style), chosen with a generator seeded from the
         batch's own (the same per step on resume; the noise stream is untouched), or the caption; then the
         trigger spelled out as all its tokens."""
+        import torch
+
         trigger = self.recipe.data.trigger
         templates = TEMPLATES.get(self.section.template)
         g = torch.Generator().manual_seed(generator.initial_seed() ^ 0x7E47)
@@ -206,26 +191,33 @@ class TextualInversionMethod(Method):
             out.append(expand_trigger(caption, trigger, self.section.vectors))
         return out
 
-    def loss(self, base, batch) -> torch.Tensor:
-        tokenizer = base.tokenizer
-        ids = tokenizer(self.prompts(batch.captions, batch.generator), padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-        return noise_loss(base, dataclasses.replace(batch, input_ids=ids, hidden_states=None), self.recipe.train)
+    def loss(self, base, batch):
+        import dataclasses
 
-    def state_dict(self, base) -> dict[str, torch.Tensor]:
-        return {EMBEDDING_KEY: trigger_embedding(base).vectors.detach()}
+        from .noise_loss import noise_loss
+
+        tokens = base.family.tokenize(base, self.prompts(batch.captions, batch.generator))
+        return noise_loss(base, dataclasses.replace(batch, tokens=tokens, cond=None), self.recipe.train)
+
+    def state_dict(self, base) -> dict:
+        return {embedding_key(base, part): v for part, v in trigger_vectors(base).items()}
 
     def load_state_dict(self, base, state) -> None:
-        vectors = trigger_embedding(base).vectors
-        saved = state.get(EMBEDDING_KEY)
-        if saved is None or saved.shape != vectors.shape:
-            raise ValueError(f"checkpoint embedding {None if saved is None else tuple(saved.shape)} does not fit "
-                             f"this run's {tuple(vectors.shape)}")
-        with torch.no_grad():
-            vectors.copy_(saved)
+        import torch
+
+        for part, embedding in trigger_embeddings(base).items():
+            saved = state.get(embedding_key(base, part))
+            if saved is None or saved.shape != embedding.vectors.shape:
+                raise ValueError(f"checkpoint embedding {None if saved is None else tuple(saved.shape)} does not fit "
+                                 f"this run's {tuple(embedding.vectors.shape)}")
+            with torch.no_grad():
+                embedding.vectors.copy_(saved)
 
     def export(self, base, run, formats, overwrite=False) -> list[Path]:
-        return export_embedding(run, base, self.recipe, trigger_embedding(base).vectors.detach(), formats, overwrite)
+        from ..export.embeddings import export_embedding
+
+        paths = {f: self.export_path(run, f) for f in formats}
+        return export_embedding(paths, run, base, self.recipe, trigger_vectors(base), overwrite)
 
 
 def expand_trigger(text: str, trigger: str, vectors: int) -> str:

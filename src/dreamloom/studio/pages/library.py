@@ -47,7 +47,7 @@ def try_it_panel(candidates) -> None:
     """Its own fragment: generating redraws this panel only."""
     st.subheader("Try it")
     if not candidates:
-        st.caption("The try-it panel applies LoRA and hypernetwork files; none has been exported yet.")
+        st.caption("The try-it panel applies LoRA-type, hypernetwork and embedding files; none has been exported yet.")
         return
     labels = [f"{e.run} / {e.path.name} ({e.format})" for e in candidates]
     export = candidates[labels.index(st.selectbox("Adapter", labels))]

@@ -2,7 +2,6 @@
 job goes to the queue (a worker process trains it, never this page)."""
 
 import math
-from pathlib import Path
 
 import streamlit as st
 
@@ -15,7 +14,6 @@ from dreamloom.studio import train_form as form
 from dreamloom.trainers.registry import METHODS
 from dreamloom.trainers.run import check_run_inputs
 
-BASE_KINDS = ["Built-in", "Local file or folder", "Hugging Face hub id"]
 home = studio_home()
 
 st.title("Train")
@@ -32,7 +30,7 @@ edit = form.job_choice(*st.session_state["edit_job"]) if "edit_job" in st.sessio
 methods = list(METHODS)
 method = st.selectbox("Method", methods, index=methods.index(edit.method if edit else form.DEFAULT_METHOD),
                       format_func=lambda m: m.replace("_", " "), help="What kind of file training makes.")
-st.caption(form.METHOD_HELP.get(method, ""))
+st.caption(METHODS[method].help)
 choices = ([edit] if edit and edit.method == method else []) + form.recipe_choices(home, method)
 labels = [c.label for c in choices]
 label = st.selectbox("Recipe", labels, index=0 if edit and edit.method == method else form.default_index(choices),
@@ -58,16 +56,16 @@ st.caption(f"{len(ds.image_paths(folder))} picture(s) · trigger **{literal(word
            f"**{literal(words.class_word) or '(none)'}** (change them on the Datasets page)")
 
 spec = start.base.model
-kind_index = 0 if spec in form.BUILTIN_BASES else 1 if Path(spec).expanduser().exists() else 2
-kind = st.radio("Base model", BASE_KINDS, index=kind_index, horizontal=True, key=f"base-kind-{label}")
-if kind == BASE_KINDS[0]:
+kind_index = form.base_kind(spec)
+kind = st.radio("Base model", form.BASE_KINDS, index=kind_index, horizontal=True, key=f"base-kind-{label}")
+if kind == form.BASE_KINDS[0]:
     base = st.selectbox("Built-in base", form.BUILTIN_BASES,
                         index=form.BUILTIN_BASES.index(spec) if spec in form.BUILTIN_BASES else 0,
                         help="toy: SD's architecture at 64 px, pretrained on pictures of simple shapes; trains on a "
                              "CPU in minutes and draws real pictures. tiny: the same scaled down further, random "
                              "weights; trains in seconds, draws noise. random:*: architectures with random weights "
                              "(benchmarks).")
-elif kind == BASE_KINDS[1]:
+elif kind == form.BASE_KINDS[1]:
     base = st.text_input("Path", value=spec if kind_index == 1 else "",
                          help="A diffusers model folder (with model_index.json) or a .safetensors / .ckpt file.")
 else:

@@ -17,10 +17,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .. import __version__
-from ..atomic import atomic_write
-from ..errors import DreamloomError
-from ..recipes import Recipe, dump_recipe, recipe_from_file
+from . import __version__
+from .atomic import atomic_write
+from .errors import DreamloomError
+from .recipes import Recipe, dump_recipe, recipe_from_file
 
 MARKER = "run.json"
 CHECKPOINT_PREFIX = "step-"

@@ -1,0 +1,96 @@
+"""The recipe sections every method shares ([base], [data], [train], [prior], [sample], [export]),
+and `Section`, the base of every section, methods' own included.
+
+Every section forbids unknown keys, so a typo is an error that names the key, never a setting
+that silently does nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseSection(Section):
+    model: str = Field("tiny", description="tiny | random:sd15 | random:sd21 | diffusers folder | .safetensors file | hub id")
+
+
+class DataSection(Section):
+    path: str = Field("", description="folder of images (+ .txt captions) or a datasets imagefolder")
+    trigger: str = Field("sks", min_length=1, description="the new word that names the subject or style")
+    class_word: str = Field("", description="what the subject is (dog, person, style)")
+    caption_template: str = "a photo of {trigger} {class_word}"
+    resolution: int = Field(512, ge=32, le=2048, multiple_of=8)
+    crop: Literal["center", "random"] = "center"
+    flip: bool = Field(False, description="random horizontal flips (off for subjects with text/asymmetry)")
+    repeats: int = Field(1, ge=1, le=1000)
+    min_image_size: int = Field(64, ge=1, description="images smaller than this (shorter side, px) are refused")
+    cache_latents: bool = Field(True, description="encode each image once; the VAE leaves memory while training")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="share of examples trained with an empty caption "
+                                   "(what classifier-free guidance needs when pretraining)")
+
+
+class TrainSection(Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    text_encoder_lr: float | None = Field(None, gt=0, description="defaults to learning_rate")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    weight_decay: float = Field(1e-2, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: bf16 or fp16 on a GPU, fp32 on CPU")
+    gradient_checkpointing: bool = False
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting; 5.0 is the paper's value")
+    noise_offset: float = Field(0.0, ge=0, le=1)
+    seed: int = 42
+    fused_backward: bool = Field(False, description="step each weight as soon as its gradient is ready, so all gradients never exist at once (one GPU; gradient clipping then applies per weight tensor)")
+    weights_dtype: Literal["fp32", "bf16"] = Field("fp32", description="bf16: trained weights kept in bf16 with stochastic rounding (needs fused_backward and bf16 mixed precision)")
+    ema: bool = Field(False, description="keep an exponential moving average of the trained weights and export it")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="the EMA's final decay (it warms up to it)")
+    ema_on_cpu: bool = Field(False, description="hold the EMA copy in CPU memory instead of on the GPU")
+    checkpoint_every: int = Field(250, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_every: int = Field(0, ge=0, description="validation samples every N steps; 0: only at the end")
+    log_every: int = Field(1, ge=1)
+
+
+class PriorSection(Section):
+    """Prior preservation (DreamBooth paper): train on class images too, so that the class word
+    keeps meaning the class ("a photo of a dog" still gives all sorts of dogs)."""
+
+    enabled: bool = False
+    class_prompt: str = "a photo of {class_word}"
+    class_data: str = Field("", description="folder of class images; empty: generate them with the base model")
+    num_class_images: int = Field(100, ge=1, description="how many class images to use (generated if missing)")
+    loss_weight: float = Field(1.0, gt=0, description="weight of the class images' loss")
+    generation_steps: int = Field(25, ge=1)
+    generation_guidance: float = Field(7.5, ge=0)
+    generation_batch_size: int = Field(4, ge=1)
+
+
+class SampleSection(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of {trigger} {class_word}"])
+    negative_prompt: str = ""
+    steps: int = Field(25, ge=1, le=500)
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 7
+    images_per_prompt: int = Field(2, ge=1, le=16)
+
+
+class ExportSection(Section):
+    output_name: str = Field("", description="file name of the exports; default: <trigger>-<method>")
+    formats: list[str] | None = Field(None, description="default: every format the method writes")
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"

@@ -1,0 +1,35 @@
+"""One training step's examples, as the loop hands them to a method's loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.family import Conditioning
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # scaled VAE latents [B, C, h, w]
+    tokens: tuple[torch.Tensor, ...]  # tokenized captions, one [B, max_length] tensor per tokenizer of the family
+    captions: list[str]
+    generator: torch.Generator  # seeded per step: noise and timesteps are reproducible on resume
+    cond: Conditioning | None = None  # cached text-encoder output, when no text encoder trains
+    weights: torch.Tensor | None = None  # per-example loss weights summing to the batch's loss; default 1/B
+    original_size: torch.Tensor | None = None  # [B, 2] each picture's (height, width) before it was resized
+    crop_top_left: torch.Tensor | None = None  # [B, 2] where its crop starts in the resized picture
+
+    def with_prior(self, prior: "Batch", prior_weight: float) -> "Batch":
+        """Instance and class examples in one step: loss = instance mean + weight * class mean."""
+        n, m = len(self.captions), len(prior.captions)
+        cond = Conditioning.cat([self.cond, prior.cond]) if self.cond is not None and prior.cond is not None else None
+        weights = torch.tensor([1 / n] * n + [prior_weight / m] * m)
+        return Batch(torch.cat([self.latents, prior.latents]),
+                     tuple(torch.cat(pair) for pair in zip(self.tokens, prior.tokens)),
+                     self.captions + prior.captions, self.generator, cond, weights,
+                     _cat(self.original_size, prior.original_size), _cat(self.crop_top_left, prior.crop_top_left))
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None or b is None else torch.cat([a, b])

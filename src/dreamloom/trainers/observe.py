@@ -1,0 +1,72 @@
+"""What the loop reports and listens to besides training itself: the loss on the training images,
+validation samples, peak memory, and the stop requests (SIGTERM, Ctrl-C) it honours with a
+checkpoint."""
+
+from __future__ import annotations
+
+import resource
+import signal
+import threading
+
+import torch
+
+from ..sampling import generate, make_grid
+from .parts import parts_on, unwrapped
+
+
+@torch.no_grad()
+def measure_loss(method, base, data, n: int = 16) -> float:
+    """Loss on the training images with fixed noise and timesteps: comparable across a run."""
+    losses = []
+    for k in range(n):
+        g = torch.Generator().manual_seed(1_000_000 + k)
+        losses.append(method.loss(base, data.make_batch([k % len(data.items)], g)).item())
+    return sum(losses) / n
+
+
+def first_loss(run) -> float | None:
+    """The loss measured when the run first started (a resumed run reports against it)."""
+    return next((e.get("loss_before") for e in run.events() if e["event"] == "start"), None)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+
+
+def save_samples(run, recipe, base, step: int, accelerator) -> None:
+    s = recipe.sample
+    prompts = [recipe.fill(p) for p in s.prompts]
+    with parts_on(base, accelerator.device), accelerator.autocast():
+        images = generate(unwrapped(base).pipeline(), prompts, negative_prompt=s.negative_prompt, steps=s.steps,
+                          guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt)
+    run.samples.mkdir(exist_ok=True)
+    path = run.samples / f"step-{step:08d}.png"
+    make_grid(images, cols=s.images_per_prompt).save(path)
+    run.log("sample", step=step, path=str(path), prompts=prompts)
+
+
+class StopRequest:
+    """SIGTERM (a cancel from the job queue, the worker's death, `kill`) and Ctrl-C ask training to
+    stop after the current step, with a checkpoint, rather than losing the work since the last one.
+    A second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.requested:
+                raise KeyboardInterrupt
+            print("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)", flush=True)
+        self.requested = True
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
