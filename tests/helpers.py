@@ -62,6 +62,19 @@ def train_tiny(out, subject_dir, sets=(), recipe="tiny-lora"):
     return run, unwrapped(base), exports
 
 
+def trained_once(root: Path, subject_dir, recipes: dict[str, tuple[str, list[str]]]):
+    """get(name) -> train_tiny's (run, trained base, exports) of recipes[name] = (recipe, sets), trained
+    the first time it is asked for: a module's tests share each training."""
+    made = {}
+
+    def get(name):
+        if name not in made:
+            recipe, sets = recipes[name]
+            made[name] = train_tiny(root / name, subject_dir, ["train.checkpoint_every=0", *sets], recipe=recipe)
+        return made[name]
+    return get
+
+
 def base_weights(module) -> dict[str, torch.Tensor]:
     """A module's own weights under their original names, without any injected adapter."""
     return {k.replace(".base_layer", ""): v.detach().clone() for k, v in module.state_dict().items() if "lora_" not in k}

@@ -167,13 +167,15 @@ def test_sample_checks_its_arguments_before_any_work(args, words, tmp_path, caps
     assert "missing-base" not in err
 
 
-@pytest.mark.parametrize("flag", ["--n", "--steps"])
-def test_sample_counts_below_one_are_usage_errors(flag, capsys):
+@pytest.mark.parametrize("flag, value, words", [("--n", "0", ["at least 1"]), ("--steps", "0", ["at least 1"]),
+                                                ("--width", "1001", ["multiple of 8", "try 1000"]),
+                                                ("--height", "1020", ["multiple of 8", "try 1016"])])
+def test_sample_counts_and_sizes_out_of_range_are_usage_errors(flag, value, words, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["sample", "--prompt", "x", flag, "0"])
+        main(["sample", "--prompt", "x", flag, value])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert flag in err and "at least 1" in err and "Traceback" not in err
+    assert flag in err and all(w in err for w in words) and "Traceback" not in err, err
 
 
 def test_export_of_a_damaged_checkpoint_offers_the_previous_one(tmp_path, subject_dir, capsys):

@@ -202,12 +202,24 @@ def test_sd15_dreambooth_12gb_on_the_meta_device():
     assert "WARNING" in warning and "train.weights_dtype=bf16" in warning
 
 
+@pytest.mark.parametrize("name, card, parameters", [
+    ("sdxl-lora-12gb", 10, None),  # the bar for the LoRA recipe: at most 10 GiB on a 12 GiB card
+    ("sdxl-dreambooth-12gb", 12, 2_567_463_684),  # the whole UNet, with prior preservation
+    ("sdxl-dreambooth-24gb", 24, 2_567_463_684)])
+def test_sdxl_recipes_fit_their_cards_at_1024_px(name, card, parameters):
+    recipe = resolve_recipe(name)
+    est = estimate(recipe, "random:sdxl", 1024)
+    assert est.total < card * GiB, est.format(card)
+    if parameters:
+        assert recipe.prior.enabled and f"{parameters:,}" in est.format(card)
+    assert "vae" not in est.weights and {"text_encoder", "text_encoder_2"}.isdisjoint(est.weights)  # cached outputs
+
+
 def test_unknown_architectures_and_bad_input(tmp_path):
-    for spec in ("random:sdxl", "random:foo"):
-        with pytest.raises(BaseModelError, match=f"{spec}.*random:sd15"):
-            estimate(recipe("tiny-lora"), spec)
-    with pytest.raises(BaseModelError, match="never downloads"):
-        run_estimate("sd15-lora-12gb", None, None, 12, [])  # its base is a hub id
+    with pytest.raises(BaseModelError, match="random:foo.*random:sd15"):
+        estimate(recipe("tiny-lora"), "random:foo")
+    with pytest.raises(BaseModelError, match="someone/finetune.*not in the local hub cache.*never downloads"):
+        estimate(recipe("tiny-lora"), "someone/finetune")
     with pytest.raises(RecipeError, match="multiple of 8"):
         estimate(recipe("tiny-lora"), "tiny", 100)
     folder = tmp_path / "model"
@@ -217,6 +229,22 @@ def test_unknown_architectures_and_bad_input(tmp_path):
         estimate(recipe("tiny-lora"), str(folder))
     (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 32}))  # tiny's width
     assert estimate(recipe("tiny-lora"), str(folder)).weights == estimate(recipe("tiny-lora"), "tiny").weights
+
+
+def test_hub_bases_are_read_from_the_published_ids_or_the_local_hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    # a published base: its architecture is known without a download
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5, 512 px" in run_estimate("sd15-lora-12gb", None, 512, 12, [])
+    assert estimate(recipe("sd15-lora-12gb"), None, 512).total == estimate(recipe("sd15-lora-12gb"), "random:sd15", 512).total
+    # a community finetune downloaded before: its cached unet/config.json says which architecture it is
+    snapshot = tmp_path / "models--someone--finetune" / "snapshots" / "abc123"
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 32}))  # tiny's width
+    (tmp_path / "models--someone--finetune" / "refs").mkdir()
+    (tmp_path / "models--someone--finetune" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert estimate(recipe("tiny-lora"), "someone/finetune").weights == estimate(recipe("tiny-lora"), "tiny").weights
 
 
 def test_an_op_without_a_meta_kernel_falls_back_to_a_real_cpu_run(monkeypatch):

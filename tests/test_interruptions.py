@@ -81,7 +81,7 @@ def test_ctrl_c_checkpoints_and_stops_like_a_cancel(tmp_path, subject_dir, cli_e
 def test_ctrl_c_before_training_starts_is_one_line(tmp_path, subject_dir, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("dreamloom.trainers.run.load_base", interrupted)
+    monkeypatch.setattr("dreamloom.trainers.run.load_recipe_base", interrupted)
     assert main(train_args(subject_dir, tmp_path / "runs", "train.steps=5")) == 130
     assert capsys.readouterr().err.strip() == "interrupted."
     assert not (tmp_path / "runs").exists()

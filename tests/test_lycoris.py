@@ -16,7 +16,7 @@ from dreamloom.cli import main
 from dreamloom.models import ARCHS, build_random, load_base
 from dreamloom.sampling import attach_loras
 from dreamloom.studio.library import run_exports
-from helpers import base_weights, image, train_tiny
+from helpers import base_weights, image, trained_once
 
 RECIPES = ["tiny-locon", "tiny-loha", "tiny-lokr", "tiny-dora"]
 # what each file holds per adapted layer, besides `.alpha` (LyCORIS's names, which A1111 and ComfyUI read)
@@ -36,14 +36,7 @@ CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, subject_dir):
-    made = {}
-
-    def get(recipe):
-        if recipe not in made:
-            made[recipe] = train_tiny(tmp_path_factory.mktemp(recipe), subject_dir, ["train.checkpoint_every=0"],
-                                      recipe=recipe)
-        return made[recipe]
-    return get
+    return trained_once(tmp_path_factory.mktemp("lycoris"), subject_dir, {r: (r, []) for r in RECIPES})
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -30,6 +30,8 @@ CASES = {
     "loha": ("tiny-loha", COMMON + ["lora.dropout=0.1"]),  # LyCORIS's own dropout must replay too
     "lokr": ("tiny-lokr", COMMON),
     "dora": ("tiny-dora", COMMON),
+    "sdxl-lora-both-text-encoders": ("tiny-xl-lora", COMMON + ["lora.train_text_encoder=true"]),
+    "sdxl-ti": ("tiny-xl-ti", COMMON),  # one vector set per text encoder
 }
 
 

@@ -339,7 +339,7 @@ def test_pickled_code_in_ckpt_never_runs(tmp_path):
 
 
 def test_foreign_checkpoint_without_cached_clip_tokenizer_says_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(single_file.FAMILIES["sd1"], "tokenizer_repo", ("dreamloom-test/not-in-any-cache", None))
+    monkeypatch.setattr(single_file.FAMILIES["sd1"], "tokenizer_repos", (("dreamloom-test/not-in-any-cache", None),))
     path = tmp_path / "civitai-model.safetensors"
     with pytest.raises(BaseModelError, match="CLIP tokenizer") as err:
         single_file.load_tokenizer(path, ARCHS["sd15"], 49408, {})

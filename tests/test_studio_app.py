@@ -253,6 +253,17 @@ def test_train_with_a_hub_base_has_no_memory_estimate(home, stars):
     assert not at.metric and "No GPU memory estimate for this base" in texts(at.caption)
 
 
+def test_train_offers_the_sdxl_recipes_and_bases_with_their_estimate(home, stars):
+    at = open_page("train")
+    assert {"tiny-xl", "random:sdxl"} <= set(labelled(at.selectbox, "Built-in base").options)
+    labelled(at.selectbox, "Recipe").set_value("sdxl-lora-12gb (built-in)").run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert labelled(at.text_input, "Hub id").value == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert labelled(at.number_input, "Resolution (px)").value == 1024
+    gib = float(at.metric[0].value.removesuffix(" GiB"))  # a published base: estimated without a download
+    assert 4 < gib < 10
+
+
 def test_train_refuses_a_dataset_with_problems_and_queues_nothing(home, stars):
     (stars / "broken.png").write_bytes(b"not an image")
     at = open_page("train")

@@ -239,7 +239,7 @@ def test_an_init_word_of_several_tokens_is_laid_across_the_vectors():
 def test_sampler_refuses_files_it_cannot_use(tmp_path):
     base = load_base("tiny")
     save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, tmp_path / "xl.safetensors")
-    with pytest.raises(AdapterError, match="xl.safetensors' is an SDXL embedding"):
+    with pytest.raises(AdapterError, match="xl.safetensors' holds clip_l and clip_g: it was made for SDXL"):
         attach_embeddings(base.pipeline(), base, [tmp_path / "xl.safetensors"])
     torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "name": NotATensor()}, tmp_path / "unsafe.pt")
     with pytest.raises(AdapterError, match="unsafe.pt' cannot be read as a textual-inversion embedding"):

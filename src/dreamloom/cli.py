@@ -55,8 +55,10 @@ def cmd_sample(args) -> int:
     attach_loras(pipe, base, loras)
     attach_hypernetworks(pipe, base, hypernetworks)
     attach_embeddings(pipe, base, args.embedding)
+    size = base.arch.resolution  # the size the base was trained at: 1024 for SDXL, 512 for SD 1.5
     images = generate(pipe, args.prompt, negative_prompt=args.negative, steps=args.steps,
-                      guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.n)
+                      guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.n,
+                      width=args.width or size, height=args.height or size)
     with atomic_path(out) as tmp:
         make_grid(images, cols=args.n).save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
     print(f"wrote {out}")
@@ -276,6 +278,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def picture_side(text: str) -> int:
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 8 (the VAE works in 8-pixel cells); "
+                                         f"try {max(8, value // 8 * 8)}")
+    return value
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -318,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=25)
     p.add_argument("--guidance", type=finite_float, default=7.5)
     p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--width", type=picture_side, help="px, a multiple of 8 (default: the base's own size, 1024 for SDXL)")
+    p.add_argument("--height", type=picture_side, help="px, a multiple of 8 (default: the base's own size)")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sample)

@@ -13,7 +13,7 @@ GUIDANCE = 3.0  # what the toy base draws best with (its recipes' sample.guidanc
 
 
 def run_demo(out: Path) -> None:
-    from .models import load_base
+    from .models.base import load_recipe_base
     from .recipes import resolve_recipe
     from .sampling import attach_loras, generate, make_grid
     from .toy.world import write_subject_folder
@@ -28,7 +28,7 @@ def run_demo(out: Path) -> None:
         print(f"export: {path}")
 
     prompt = recipe.fill(PROMPT)
-    base = load_base(recipe.base.model)
+    base = load_recipe_base(recipe.base)
     pipe = base.pipeline()
     before = generate(pipe, [prompt], steps=STEPS, guidance_scale=GUIDANCE, seed=0, images_per_prompt=4)
     attach_loras(pipe, base, [(exports[0], 1.0)])

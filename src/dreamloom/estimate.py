@@ -214,6 +214,9 @@ def _optimizer_bytes(train, params: list, names: dict[int, str], method) -> tupl
             state += 8 * n
         elif train.optimizer == "adamw8bit":
             state, qmaps = state + (2 * n + 8 * math.ceil(n / 256) if n >= 4096 else 8 * n), qmaps + (n >= 4096)
+        elif train.optimizer == "adafactor":  # no first moment; second moments factored into a row and a column
+            shape = tuple(p.shape)
+            state += 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else n)
         else:
             zero = method.initially_zero(name)
             state += 4 * (n * (2 + (train.adam_beta1 > 0)) + (1 if zero else n))
@@ -221,7 +224,8 @@ def _optimizer_bytes(train, params: list, names: dict[int, str], method) -> tupl
     if train.optimizer == "adamw" and not train.fused_backward:  # foreach AdamW: sqrt(exp_avg_sq) of every weight
         return state, 4 * sum(p.numel() for p in params)
     # bitsandbytes updates in place; the others per weight, with two fp32 temporaries of one tensor
-    return state, 0 if train.optimizer == "adamw8bit" else 8 * max(p.numel() for p in params)
+    largest = max(p.numel() for p in params)  # Adafactor's update holds three fp32 copies of one tensor
+    return state, {"adamw8bit": 0, "adafactor": 12 * largest}.get(train.optimizer, 8 * largest)
 
 
 def estimate(recipe, base_spec: str | None = None, resolution: int | None = None, *, use_cache: bool = True) -> Estimate:

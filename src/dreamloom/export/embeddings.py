@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .. import __version__
@@ -26,7 +27,12 @@ A1111_STAR_TOKEN = 265  # A1111 writes CLIP's id of "*" into every file; nothing
 LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"  # diffusers' name for an embedding file
 BUNDLE_PREFIX = "bundle_emb."
 BUNDLE_SUFFIX = ".string_to_param.*"
-SDXL_KEYS = ("clip_l", "clip_g")
+
+def _layout_keys() -> tuple[str, ...]:
+    """Every key some family's embedding files use for one text encoder's set (SDXL: clip_l, clip_g)."""
+    from ..models.family import FAMILIES
+
+    return tuple(dict.fromkeys(k for f in FAMILIES.values() for k in (f.embedding_keys or {}).values()))
 
 
 def embedding_info(run, base, recipe) -> dict:
@@ -62,22 +68,36 @@ def save_diffusers_embedding(path: Path, token: str, vectors: torch.Tensor, info
     return write_safetensors(path, cast({token: vectors}, dtype), _metadata(info, base), overwrite=overwrite)
 
 
-def bundle_tensors(trigger: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The embedding as A1111 (>= 1.7) and ComfyUI read it from inside a LoRA file ({part: vectors})."""
-    (single,) = vectors.values()  # SD 1.x / 2.x: one text encoder
-    return {f"{BUNDLE_PREFIX}{trigger}{BUNDLE_SUFFIX}": single}
+SINGLE = "single"  # the layout key of a file that holds one set of vectors (SD 1.x / 2.x)
 
 
-def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(LoRA tensors, {trigger: vectors}) of a LoRA file that may carry bundled embeddings."""
+def file_tensors(base, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The embedding ({text-encoder part: vectors}) under the keys its family's files use: SD 1.x/2.x
+    one tensor `emb_params`; SDXL `clip_l` and `clip_g`."""
+    keys = base.family.embedding_keys
+    if keys is None:
+        (single,) = vectors.values()
+        return {A1111_KEY: single}
+    return {keys[part]: v for part, v in vectors.items()}
+
+
+def bundle_tensors(base, trigger: str, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The embedding as A1111 (>= 1.7) and ComfyUI read it from inside a LoRA file."""
+    keys = base.family.embedding_keys
+    if keys is None:
+        (single,) = vectors.values()
+        return {f"{BUNDLE_PREFIX}{trigger}{BUNDLE_SUFFIX}": single}
+    return {f"{BUNDLE_PREFIX}{trigger}.{keys[part]}": v for part, v in vectors.items()}
+
+
+def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(LoRA tensors, {trigger: layout}) of a LoRA file that may carry bundled embeddings; a layout is
+    {"single": vectors} or {"clip_l": ..., "clip_g": ...}."""
     lora, embeddings = {}, {}
     for key, tensor in tensors.items():
         if key.startswith(BUNDLE_PREFIX):
             name, _, rest = key.removeprefix(BUNDLE_PREFIX).partition(".")
-            if rest in SDXL_KEYS:
-                raise AdapterError(f"bundled embedding '{name}' is for SDXL (key '{key}'); dreamloom samples "
-                                   "SD 1.x and 2.x models.")
-            embeddings[name] = tensor
+            embeddings.setdefault(name, {})[rest if rest in _layout_keys() else SINGLE] = tensor
         else:
             lora[key] = tensor
     return lora, embeddings
@@ -86,36 +106,45 @@ def split_bundle(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 def export_embedding(paths: dict[str, Path], run, base, recipe, vectors: dict[str, torch.Tensor],
                      overwrite: bool = False) -> list[Path]:
     """Write the embedding ({text-encoder part: vectors}) in each format of `paths` ({format: path})
-    that is an embedding format: a1111, a1111_pt, diffusers."""
+    that is an embedding format: a1111, a1111_pt (SD 1.x/2.x only), diffusers."""
     trigger, dtype, info = recipe.data.trigger, recipe.export.dtype, embedding_info(run, base, recipe)
-    (single,) = vectors.values()  # SD 1.x / 2.x: one text encoder
-    writers = {"a1111": lambda path: save_a1111_safetensors(path, single, info, base, dtype, overwrite),
+    tensors = file_tensors(base, vectors)
+    single = tensors.get(A1111_KEY)
+    writers = {"a1111": lambda path: write_safetensors(path, cast(tensors, dtype), _metadata(info, base), overwrite),
                "a1111_pt": lambda path: save_a1111_pt(path, single, info, dtype, overwrite),
-               "diffusers": lambda path: save_diffusers_embedding(path, trigger, single, info, base, dtype, overwrite)}
+               # diffusers: {token: vectors} for one text encoder; SDXL's files are the same clip_l / clip_g file
+               "diffusers": lambda path: (save_diffusers_embedding(path, trigger, single, info, base, dtype, overwrite)
+                                          if single is not None else write_safetensors(
+                                              path, cast(tensors, dtype), _metadata(info, base), overwrite))}
     return [writers[f](path) for f, path in paths.items() if f in writers]
 
 
-def _vectors_of(data, path: Path) -> tuple[str | None, torch.Tensor]:
-    """(token the file names itself, [n, dim]) from a loaded embedding file of any known layout."""
+def _vectors_of(data, path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(token the file names itself, layout) from a loaded embedding file of any known layout."""
     if isinstance(data, dict) and "string_to_param" in data:  # A1111 .pt
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
             raise ValueError("its string_to_param does not hold exactly one tensor")
         name = data.get("name")
-        return (name if isinstance(name, str) else None), next(iter(params.values()))
-    if isinstance(data, dict) and any(k in data for k in SDXL_KEYS):
-        raise AdapterError(f"embedding '{path}' is an SDXL embedding ({', '.join(SDXL_KEYS)}); dreamloom samples "
-                           "SD 1.x and 2.x models.")
+        return (name if isinstance(name, str) else None), {SINGLE: next(iter(params.values()))}
+    if isinstance(data, dict) and (keys := [k for k in _layout_keys() if k in data]):  # one set per text encoder
+        return None, {k: data[k] for k in keys}
     if isinstance(data, dict) and len(data) == 1:  # A1111/kohya `emb_params`, or diffusers {token: T}
         key, tensor = next(iter(data.items()))
-        return (None if key == A1111_KEY else key), tensor
+        return (None if key == A1111_KEY else key), {SINGLE: tensor}
     raise ValueError(f"expected one tensor (emb_params or a token) or an A1111 dict; found keys "
                      f"{list(data)[:5] if isinstance(data, dict) else type(data).__name__}")
 
 
-def read_embedding_file(path: str | Path) -> tuple[str, torch.Tensor]:
-    """(prompt word, vectors [n, dim]) of an embedding file. The word is the file name, as in A1111 and
-    ComfyUI, except for diffusers' fixed file name `learned_embeds.*`, whose token is stored inside."""
+def _metadata_name(path: Path) -> str | None:
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("name") or None
+
+
+def read_embedding_file(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(prompt word, layout: {"single": [n, dim]} or {"clip_l": ..., "clip_g": ...}) of an embedding
+    file. The word is the file name, as in A1111 and ComfyUI, except for diffusers' fixed file name
+    `learned_embeds.*`, whose token is stored inside (or, for SDXL's two sets, in the file's metadata)."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / LEARNED_EMBEDS_FILE
@@ -126,15 +155,16 @@ def read_embedding_file(path: str | Path) -> tuple[str, torch.Tensor]:
             data = load_file(path)
         else:  # .pt / .bin: never run code from a pickle
             data = torch.load(path, map_location="cpu", weights_only=True)
-        token, vectors = _vectors_of(data, path)
+        token, layout = _vectors_of(data, path)
     except AdapterError:
         raise
     except Exception as exc:
         raise AdapterError(
             f"'{path}' cannot be read as a textual-inversion embedding ({type(exc).__name__}: {exc}). dreamloom "
             "reads A1111 .safetensors (emb_params) and .pt files and diffusers learned_embeds files.") from exc
-    if not isinstance(vectors, torch.Tensor) or vectors.dim() not in (1, 2):
+    if not all(isinstance(v, torch.Tensor) and v.dim() in (1, 2) for v in layout.values()):
         raise AdapterError(f"embedding '{path}' holds no [vectors, width] tensor.")
-    vectors = vectors.reshape(-1, vectors.shape[-1]).float()
+    if path.stem == "learned_embeds" and token is None and path.suffix == ".safetensors":
+        token = _metadata_name(path)  # SDXL's clip_l / clip_g file under diffusers' name: ours records the word
     word = token if path.stem == "learned_embeds" and token else path.stem
-    return word, vectors
+    return word, {k: v.reshape(-1, v.shape[-1]).float() for k, v in layout.items()}

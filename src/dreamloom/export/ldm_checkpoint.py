@@ -19,7 +19,6 @@ from ..models.tokenizer import builtin_vocab_size
 from .files import cast, refuse_overwrite, write_safetensors
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
-CLIP_L, OPEN_CLIP = "cond_stage_model.transformer.text_model.", "cond_stage_model.model."
 
 # ResBlock parameter names: diffusers -> original (UNet and VAE differ only in the shortcut name).
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -49,7 +48,9 @@ def _unet_prefixes(config) -> dict[str, tuple[str, bool]]:
          "time_embedding.linear_2.": ("time_embed.2.", False), "conv_norm_out.": ("out.0.", False),
          "conv_out.": ("out.2.", False), "mid_block.resnets.0.": ("middle_block.0.", True),
          "mid_block.attentions.0.": ("middle_block.1.", False),
-         "mid_block.resnets.1.": ("middle_block.2.", True)}
+         "mid_block.resnets.1.": ("middle_block.2.", True),
+         # SDXL: the pooled text + size embedding (diffusers' add_embedding) is the original's label_emb
+         "add_embedding.linear_1.": ("label_emb.0.0.", False), "add_embedding.linear_2.": ("label_emb.0.2.", False)}
     for i in range(n):
         for j in range(layers):
             idx = 1 + i * (layers + 1) + j
@@ -140,20 +141,23 @@ def _text_state(text_encoder) -> dict[str, torch.Tensor]:
             if not k.endswith("position_ids")}
 
 
-def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD 1.x: the transformers CLIP module tree is kept as is, under `cond_stage_model.transformer`."""
-    return {CLIP_L + k: v for k, v in _text_state(text_encoder).items()}
+def clip_to_ldm(text_encoder, prefix: str = "cond_stage_model.transformer.text_model.") -> dict[str, torch.Tensor]:
+    """SD 1.x (and SDXL's CLIP-L): the transformers CLIP module tree is kept as is, under `prefix`."""
+    return {prefix + k: v for k, v in _text_state(text_encoder).items() if not k.startswith("text_projection")}
 
 
-def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP names, q/k/v fused into one `in_proj` as torch's MultiheadAttention has it."""
-    state = _text_state(text_encoder)
-    out = {OPEN_CLIP + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
-           OPEN_CLIP + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
-           OPEN_CLIP + "ln_final.weight": state.pop("final_layer_norm.weight"),
-           OPEN_CLIP + "ln_final.bias": state.pop("final_layer_norm.bias")}
+def open_clip_to_ldm(text_encoder, prefix: str = "cond_stage_model.model.",
+                     projection: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """SD 2.x / SDXL's OpenCLIP-G: OpenCLIP names, q/k/v fused into one `in_proj` as torch's
+    MultiheadAttention has it. `projection`: the text projection in OpenCLIP's orientation ([width,
+    proj], SDXL's pooled embedding); without one an identity stands in (SD 2 never applies it)."""
+    state = {k: v for k, v in _text_state(text_encoder).items() if not k.startswith("text_projection")}
+    out = {prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": state.pop("final_layer_norm.bias")}
     for layer in range(text_encoder.config.num_hidden_layers):
-        src, dst = f"encoder.layers.{layer}.", f"{OPEN_CLIP}transformer.resblocks.{layer}."
+        src, dst = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
         for kind in ("weight", "bias"):
             qkv = [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"]
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
@@ -161,11 +165,12 @@ def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
             out[dst + _rename(key[len(src):], _OPEN_CLIP_LAYER)] = state.pop(key)
     if state:
         raise ValueError(f"text encoder parameters with no OpenCLIP name: {sorted(state)[:5]}")
-    # SD 2 conditions on the penultimate layer, so OpenCLIP's final projection is never applied;
-    # loaders still expect it ([width, width]; diffusers reads q/k/v split sizes from its rows).
-    width = text_encoder.config.hidden_size
-    ref = out[OPEN_CLIP + "ln_final.weight"]
-    out[OPEN_CLIP + "text_projection"] = torch.eye(width, dtype=ref.dtype, device=ref.device)
+    if projection is None:
+        # SD 2 conditions on the penultimate layer, so OpenCLIP's final projection is never applied;
+        # loaders still expect it ([width, width]; diffusers reads q/k/v split sizes from its rows).
+        ref = out[prefix + "ln_final.weight"]
+        projection = torch.eye(text_encoder.config.hidden_size, dtype=ref.dtype, device=ref.device)
+    out[prefix + "text_projection"] = projection.contiguous() if projection.device.type != "meta" else projection
     return out
 
 
@@ -232,6 +237,8 @@ def save_single_file(base, path: Path, *, dtype: str = "fp16", metadata: dict[st
     tensors = to_ldm_state_dict(base)
     if v_pred:
         tensors["v_pred"] = torch.zeros(0)  # ComfyUI's marker: the key's presence is what counts
+    if base.scheduler_config.get("rescale_betas_zero_snr"):
+        tensors["ztsnr"] = torch.zeros(0)  # ComfyUI's marker of a zero-terminal-SNR schedule
     res = base.arch.resolution
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": path.stem,
             "modelspec.resolution": f"{res}x{res}", **(metadata or {}),

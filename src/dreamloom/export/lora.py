@@ -31,7 +31,7 @@ def kohya_tensors(base, parts: dict[str, dict[str, torch.Tensor]], configs) -> d
         config = configs[part]
         for key, tensor in state.items():
             module, suffix = next((key.removesuffix("." + s), s) for s in PEFT_TO_KOHYA if key.endswith("." + s))
-            name = base.family.kohya_name(part, module)
+            name = base.family.kohya_name(base, part, module)
             if suffix == "lora_magnitude_vector":
                 down = state[f"{module}.lora_A.weight"]
                 tensor = tensor.reshape(-1, *[1] * (down.dim() - 1))

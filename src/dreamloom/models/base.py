@@ -20,7 +20,7 @@ from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..errors import BaseModelError
-from .configs import ARCHS, SD_SCHEDULER, Arch, arch_for_unet
+from .configs import ARCHS, SD_SCHEDULER, TINY_BASES, Arch, arch_for_unet
 from .family import FAMILIES, Family
 from .specs import parse_base_spec, spec_arch
 from .tokenizer import build_tokenizer, builtin_vocab_size
@@ -69,9 +69,10 @@ class Base:
         return self
 
 
-def text_encoder_config(arch: Arch, tokenizer: CLIPTokenizer | None = None) -> CLIPTextConfig:
+def text_encoder_config(arch: Arch, tokenizer: CLIPTokenizer | None = None, part: str | None = None) -> CLIPTextConfig:
+    """The config of one of the architecture's text encoders (by its part name; default the first)."""
     tokenizer = tokenizer or build_tokenizer()
-    cfg = dict(arch.text_encoder)
+    cfg = dict(getattr(arch, part or FAMILIES[arch.family].text_encoders[0]))
     if cfg["vocab_size"] is None:
         cfg["vocab_size"] = builtin_vocab_size()
     # The pooled output is taken at the end token; these ids make transformers look it up.
@@ -79,28 +80,51 @@ def text_encoder_config(arch: Arch, tokenizer: CLIPTokenizer | None = None) -> C
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def build_random(arch: Arch, seed: int = 0, meta: bool = False, tokenizer: CLIPTokenizer | None = None) -> Base:
+def build_random(arch: Arch, seed: int = 0, meta: bool = False, tokenizers: list | None = None) -> Base:
     """The architecture with seeded random weights (or on the meta device: shapes only), with the
-    built-in tokenizer unless another is given."""
-    tokenizer = tokenizer or build_tokenizer()
+    built-in tokenizer unless others are given (one per tokenizer of the family)."""
+    family = FAMILIES[arch.family]
+    tokenizers = tokenizers or [build_tokenizer() for _ in family.tokenizers]
 
     def build():
-        unet = UNet2DConditionModel(**arch.unet)
-        vae = AutoencoderKL(**arch.vae, scaling_factor=arch.vae_scaling_factor)
-        text_encoder = CLIPTextModel(text_encoder_config(arch, tokenizer))
-        return unet, vae, text_encoder
+        import transformers
+
+        parts = {"unet": UNet2DConditionModel(**arch.unet),
+                 "vae": AutoencoderKL(**arch.vae, scaling_factor=arch.vae_scaling_factor)}
+        for (part, cls), tokenizer in zip(family.text_encoder_classes.items(), tokenizers):
+            parts[part] = getattr(transformers, cls)(text_encoder_config(arch, tokenizer, part))
+        return parts
 
     if meta:
         with init_empty_weights():
-            unet, vae, text_encoder = build()
+            parts = build()
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet, vae, text_encoder = build()
-    for module in (unet, vae, text_encoder):
+            parts = build()
+    for module in parts.values():
         module.eval()
-    spec = arch.name if arch.name == "tiny" else f"random:{arch.name}"  # "toy" names the pretrained weights
-    return Base(spec, arch, unet, vae, text_encoder, tokenizer, dict(SD_SCHEDULER, prediction_type=arch.prediction_type))
+    spec = arch.name if arch.name in TINY_BASES else f"random:{arch.name}"  # "toy" names the pretrained weights
+    return Base(spec, arch, scheduler_config=dict(SD_SCHEDULER, prediction_type=arch.prediction_type),
+                **parts, **dict(zip(family.tokenizers, tokenizers)))
+
+
+def load_recipe_base(section) -> Base:
+    """The base a recipe's [base] section names, with its prediction type and noise schedule as the
+    section says (a v-pred community base whose file does not say so; zero terminal SNR)."""
+    from ..errors import RecipeError
+
+    base = load_base(section.model)
+    config = dict(base.scheduler_config)
+    if section.prediction_type != "auto":
+        config["prediction_type"] = section.prediction_type
+    if section.zero_terminal_snr:
+        if config.get("prediction_type") != "v_prediction":
+            raise RecipeError(f"base.zero_terminal_snr needs a v-prediction model; '{section.model}' predicts "
+                              f"{config.get('prediction_type', 'epsilon')}. Set base.prediction_type = 'v_prediction' "
+                              "if it is a v-pred base, or turn zero_terminal_snr off.")
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")  # sampling starts at pure noise
+    return base if config == base.scheduler_config else dataclasses.replace(base, scheduler_config=config)
 
 
 def meta_base(spec: str) -> Base:
@@ -155,8 +179,8 @@ def _load_hub(spec: str) -> Base:
 def load_base(spec: str) -> Base:
     """Load the base model a recipe names. Raises BaseModelError with the fix on failure."""
     parsed = parse_base_spec(spec)
-    if spec == "tiny":
-        return build_random(ARCHS["tiny"])
+    if spec in TINY_BASES:
+        return build_random(ARCHS[spec])
     if spec == "toy":
         from .toy import load_toy_base
 

@@ -55,17 +55,22 @@ class Family:
     title = "SD 1.x"  # what users call it
     text_encoders: tuple[str, ...] = ("text_encoder",)
     tokenizers: tuple[str, ...] = ("tokenizer",)
+    text_encoder_classes = {"text_encoder": "CLIPTextModel"}  # transformers class of each (its config: Arch.<part>)
     kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
     # prefixes other tools write for these parts (diffusers' kohya converter writes lora_te1_ for SD 1)
     kohya_aliases = {"lora_te1_": "text_encoder"}
+    kohya_unet_layout = "diffusers"  # the UNet names kohya's trainer writes: diffusers' ("ldm": the original ones)
     modelspec = "stable-diffusion-v1"
     kohya_version = "sd_v1"
     v2 = False  # kohya's ss_v2
-    # the original single-file layout: where the text encoder's token embedding is (detection)
-    ldm_token_key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-    ldm_position_key = "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"
-    tokenizer_repo = ("openai/clip-vit-large-patch14", None)  # the real CLIP tokenizer, in a user's HF cache
+    # the original single-file layout: each text encoder's token and position embeddings (the first
+    # entry's token key is how a file of this family is recognised)
+    ldm_text_keys = {"text_encoder": ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                                      "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight")}
+    # the real CLIP tokenizers (repo, subfolder), one per tokenizer, looked up in a user's HF cache only
+    tokenizer_repos = (("openai/clip-vit-large-patch14", None),)
     needs_v_yaml = False  # A1111/Forge read a v-model's parameterization from <name>.yaml
+    embedding_keys: dict[str, str] | None = None  # an embedding file's key per text encoder (None: one tensor)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -129,9 +134,18 @@ class Family:
             return f"text_model.{name}"
         return name
 
-    def kohya_name(self, part: str, module_name: str) -> str:
+    @property
+    def ldm_token_key(self) -> str:
+        return next(iter(self.ldm_text_keys.values()))[0]
+
+    def kohya_name(self, base: "Base", part: str, module_name: str) -> str:
         """kohya's key for a module: prefix + its path with `_` for `.` (A1111, Forge, ComfyUI read these)."""
-        return self.kohya_prefixes[part] + self.canonical(part, module_name).replace(".", "_")
+        name = self.canonical(part, module_name)
+        if part == "unet" and self.kohya_unet_layout == "ldm":
+            from ..export.ldm_checkpoint import unet_ldm_module_names
+
+            name = unet_ldm_module_names(base.unet, [module_name])[module_name]
+        return self.kohya_prefixes[part] + name.replace(".", "_")
 
     def adaptable_layers(self, base: "Base", part: str) -> dict[str, torch.nn.Module]:
         """The layers of a part an adapter file can patch: its linear and conv layers by name (not the
@@ -149,15 +163,15 @@ class Family:
         table = {}
         for part in ("unet", *self.text_encoders):
             layers = list(self.adaptable_layers(base, part))
+            prefix = self.kohya_prefixes[part]
             for name in layers:
-                table[self.kohya_name(part, name)] = (part, name)
+                table[prefix + self.canonical(part, name).replace(".", "_")] = (part, name)
             for alias, aliased in self.kohya_aliases.items():
                 if aliased == part:
                     table.update({alias + self.canonical(part, n).replace(".", "_"): (part, n) for n in layers})
-            if part == "unet":
+            if part == "unet":  # both UNet layouts: other tools write whichever their trainer uses
                 ldm = unet_ldm_module_names(base.unet, layers)
-                other = {self.kohya_prefixes[part] + ldm[n].replace(".", "_"): (part, n) for n in layers}
-                table = {**other, **table}
+                table.update({prefix + ldm[n].replace(".", "_"): (part, n) for n in layers})
         return table
 
     def version(self, arch: "Arch", v_pred: bool) -> str:
@@ -172,6 +186,10 @@ class Family:
 
         return clip_to_ldm(base.text_encoder)
 
+    def arch_text_width(self, arch: "Arch") -> int:
+        """The width of the text encoder whose token key recognises the family's files."""
+        return getattr(arch, next(iter(self.ldm_text_keys)))["hidden_size"]
+
 
 class SD2Family(Family):
     """SD 2.x: OpenCLIP ViT-H (23 layers kept: the penultimate one), v-prediction at 768 px."""
@@ -181,9 +199,9 @@ class SD2Family(Family):
     modelspec = "stable-diffusion-v2-768-v"
     kohya_version = "sd_v2"
     v2 = True
-    ldm_token_key = "cond_stage_model.model.token_embedding.weight"
-    ldm_position_key = "cond_stage_model.model.positional_embedding"
-    tokenizer_repo = ("stabilityai/stable-diffusion-2-1", "tokenizer")
+    ldm_text_keys = {"text_encoder": ("cond_stage_model.model.token_embedding.weight",
+                                      "cond_stage_model.model.positional_embedding")}
+    tokenizer_repos = (("stabilityai/stable-diffusion-2-1", "tokenizer"),)
     needs_v_yaml = True
 
     def version(self, arch: "Arch", v_pred: bool) -> str:
@@ -195,4 +213,68 @@ class SD2Family(Family):
         return open_clip_to_ldm(base.text_encoder)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Family(), SD2Family())}
+class SDXLFamily(Family):
+    """SDXL: CLIP-L and OpenCLIP-G, their penultimate hidden states side by side, OpenCLIP-G's
+    projected end token as the pooled embedding, and size conditioning (original size, crop, target
+    size) with it through the UNet's text_time embedding."""
+
+    name = "sdxl"
+    title = "SDXL"
+    text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    text_encoder_classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    kohya_prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    kohya_aliases = {}
+    kohya_unet_layout = "ldm"  # kohya's SDXL trainer works on the original UNet: input_blocks_4_1_...
+    modelspec = "stable-diffusion-xl-v1-base"
+    kohya_version = "sdxl_base_v1-0"  # stock A1111 lists a LoRA as SDXL only from this
+    ldm_text_keys = {  # OpenCLIP-G's first: its keys are what only SDXL files have
+        "text_encoder_2": ("conditioner.embedders.1.model.token_embedding.weight",
+                           "conditioner.embedders.1.model.positional_embedding"),
+        "text_encoder": ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+                         "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight")}
+    tokenizer_repos = (("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+                       ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"))
+    embedding_keys = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # A1111/Forge and ComfyUI read these
+
+    @property
+    def pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def pipeline_extras(self) -> dict:
+        return {"image_encoder": None, "feature_extractor": None, "force_zeros_for_empty_prompt": True}
+
+    def pipeline_kwargs(self) -> dict:
+        return {}
+
+    def _encode(self, base: "Base", tokens: tuple[torch.Tensor, ...]) -> Conditioning:
+        hidden = []
+        for part, ids in zip(self.text_encoders, tokens):
+            te = getattr(base, part)
+            out = te(ids.to(te.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+        return Conditioning({"hidden": torch.cat(hidden, dim=-1), "pooled": out[0]})  # out: OpenCLIP-G's
+
+    def unet_kwargs(self, cond: Conditioning, original_size, crop_top_left, target_size) -> dict:
+        hidden, pooled = cond["hidden"], cond["pooled"]
+        n, device = hidden.shape[0], hidden.device
+        if original_size is None:  # no picture behind it (an estimate, a sample): as if uncropped at the size
+            original_size, crop_top_left = torch.tensor([target_size] * n), torch.zeros(n, 2)
+        parts = [original_size, crop_top_left, torch.tensor([target_size] * n)]
+        time_ids = torch.cat([p.to(device, pooled.dtype) for p in parts], dim=1)
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def text_width(self, base: "Base") -> int:
+        return sum(getattr(base, part).config.hidden_size for part in self.text_encoders)
+
+    def text_to_ldm(self, base: "Base") -> dict[str, torch.Tensor]:
+        from ..export.ldm_checkpoint import clip_to_ldm, open_clip_to_ldm
+
+        te2 = base.text_encoder_2
+        return {**clip_to_ldm(base.text_encoder, "conditioner.embedders.0.transformer.text_model."),
+                **open_clip_to_ldm(te2, "conditioner.embedders.1.model.", projection=te2.text_projection.weight.T)}
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (Family(), SD2Family(), SDXLFamily())}

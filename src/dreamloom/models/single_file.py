@@ -72,15 +72,12 @@ def read_header(path: Path) -> tuple[Shapes, dict[str, str]]:
 
 def file_family(path: Path, shapes: Shapes) -> Family:
     """The family whose text encoder layout the checkpoint has."""
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise BaseModelError(f"checkpoint '{path}' is an SDXL model; dreamloom trains SD 1.x and "
-                             "SD 2.x bases. Pick an SD 1.5 or SD 2.1 checkpoint.")
     family = next((f for f in FAMILIES.values() if f.ldm_token_key in shapes), None)
     if family is None:
         raise BaseModelError(
             f"'{path}' is not a Stable Diffusion checkpoint: it has no text encoder weights "
-            "(cond_stage_model.*). Pass a full SD 1.x/2.x model, not a LoRA, VAE or UNet-only file."
-        )
+            "(cond_stage_model.* or conditioner.embedders.*). Pass a full SD 1.x/2.x/SDXL model, not a LoRA, "
+            "VAE or UNet-only file.")
     return family
 
 
@@ -88,8 +85,7 @@ def detect_arch(path: Path, shapes: Shapes) -> Arch:
     """Which built-in architecture the checkpoint has, from its text encoder's layout and width."""
     family = file_family(path, shapes)
     width = shapes[family.ldm_token_key][1]
-    arch = next((a for a in ARCHS.values() if a.text_encoder["hidden_size"] == width
-                 and a.family == family.name), None)
+    arch = next((a for a in ARCHS.values() if a.family == family.name and family.arch_text_width(a) == width), None)
     if arch is None:
         raise BaseModelError(f"checkpoint '{path}': a text encoder of width {width} matches no "
                              f"supported architecture ({', '.join(ARCHS)}).")
@@ -129,11 +125,18 @@ def prediction_type(path: Path, arch: Arch, shapes: Shapes, metadata: dict[str, 
     return arch.prediction_type  # as diffusers does: an unmarked SD 2 file is taken to be 768-v
 
 
-def load_tokenizer(path: Path, arch: Arch, vocab_size: int, metadata: dict[str, str]) -> CLIPTokenizer:
+def text_sizes(family: Family, shapes: Shapes) -> dict[str, tuple[int, int]]:
+    """(vocabulary, positions) of each text encoder, from the file itself (added tokens count)."""
+    return {part: (shapes[token][0], shapes.get(positions, (77,))[0])
+            for part, (token, positions) in family.ldm_text_keys.items()}
+
+
+def load_tokenizer(path: Path, arch: Arch, vocab_size: int, metadata: dict[str, str], which: int = 0) -> CLIPTokenizer:
+    """The family's tokenizer number `which`: ours, or the real CLIP one from the user's HF cache."""
     if (metadata.get("dreamloom.tokenizer") == "builtin" or arch.version is not None
             or vocab_size == builtin_vocab_size()):
         return build_tokenizer()
-    repo, subfolder = FAMILIES[arch.family].tokenizer_repo
+    repo, subfolder = FAMILIES[arch.family].tokenizer_repos[which]
     try:
         kwargs = {"subfolder": subfolder} if subfolder else {}
         tokenizer = CLIPTokenizer.from_pretrained(repo, local_files_only=True, **kwargs)
@@ -157,18 +160,20 @@ def file_tokenizers(path: Path) -> list[CLIPTokenizer]:
     shapes, metadata = read_header(path)
     arch = detect_arch(path, shapes)
     family = FAMILIES[arch.family]
-    return [load_tokenizer(path, arch, shapes[family.ldm_token_key][0], metadata) for _ in family.tokenizers]
+    sizes = text_sizes(family, shapes)
+    return [load_tokenizer(path, arch, sizes[part][0], metadata, i) for i, part in enumerate(family.text_encoders)]
 
 
-def write_config_folder(folder: Path, arch: Arch, tokenizer: CLIPTokenizer, *, vocab_size: int,
-                        max_positions: int, prediction: str) -> Path:
+def write_config_folder(folder: Path, arch: Arch, tokenizers: list[CLIPTokenizer], *,
+                        sizes: dict[str, tuple[int, int]], prediction: str, zero_snr: bool = False) -> Path:
     """A diffusers model folder without weights (what `from_single_file(config=...)` reads), written
     from the architecture built on the meta device."""
     from .base import build_random
 
     # Sizes come from the file itself, so a model with added (e.g. embedding) tokens still loads.
-    text = dict(arch.text_encoder, vocab_size=vocab_size, max_position_embeddings=max_positions)
-    base = build_random(dataclasses.replace(arch, text_encoder=text), meta=True, tokenizer=tokenizer)
+    texts = {part: dict(getattr(arch, part), vocab_size=vocab, max_position_embeddings=positions)
+             for part, (vocab, positions) in sizes.items()}
+    base = build_random(dataclasses.replace(arch, **texts), meta=True, tokenizers=tokenizers)
     family = base.family
     index = {"_class_name": family.pipeline_class.__name__, "scheduler": ["diffusers", "DDIMScheduler"]}
     for name, module in base.modules().items():
@@ -177,14 +182,15 @@ def write_config_folder(folder: Path, arch: Arch, tokenizer: CLIPTokenizer, *, v
             module.save_config(folder / name)
         else:  # transformers models
             module.config.save_pretrained(folder / name)
-    for name in family.tokenizers:
+    for name, tokenizer in zip(family.tokenizers, tokenizers):
         index[name] = ["transformers", "CLIPTokenizer"]
         tokenizer.save_pretrained(folder / name)
     index.update({k: v if isinstance(v, bool) else [None, None] for k, v in family.pipeline_extras().items()})
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "DDIMScheduler", **SD_SCHEDULER, "prediction_type": prediction}, indent=1))
+        {"_class_name": "DDIMScheduler", **SD_SCHEDULER, "prediction_type": prediction,
+         **({"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_snr else {})}, indent=1))
     return folder
 
 
@@ -203,13 +209,12 @@ def load_single_file(path: Path):
     shapes, metadata = read_header(path)
     arch = detect_arch(path, shapes)
     family = FAMILIES[arch.family]
-    vocab_size = shapes[family.ldm_token_key][0]
-    max_positions = shapes.get(family.ldm_position_key, (77,))[0]
+    sizes = text_sizes(family, shapes)
     prediction = prediction_type(path, arch, shapes, metadata)
-    tokenizer = load_tokenizer(path, arch, vocab_size, metadata)
+    tokenizers = [load_tokenizer(path, arch, sizes[part][0], metadata, i) for i, part in enumerate(family.text_encoders)]
     with tempfile.TemporaryDirectory(prefix="dreamloom-config-") as tmp:
-        config = write_config_folder(Path(tmp), arch, tokenizer, vocab_size=vocab_size,
-                                     max_positions=max_positions, prediction=prediction)
+        config = write_config_folder(Path(tmp), arch, tokenizers, sizes=sizes, prediction=prediction,
+                                     zero_snr="ztsnr" in shapes)
         try:
             # A .ckpt is read again in there, also with weights_only=True (diffusers' loader).
             pipe = family.pipeline_class.from_single_file(str(path), config=str(config), local_files_only=True,

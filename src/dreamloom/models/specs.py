@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BaseModelError
-from .configs import ARCHS, Arch, arch_for_unet
+from .configs import ARCHS, TINY_BASES, Arch, arch_for_unet
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-BUILTIN = ("toy", "tiny")  # pretrained weights shipped with the package / built from config in code
+BUILTIN = ("toy", *TINY_BASES)  # pretrained weights shipped with the package / built from config in code
 RANDOM = "random:"
 
 
@@ -35,7 +35,7 @@ class BaseSpec:
 
 
 def random_specs() -> list[str]:
-    return [f"{RANDOM}{name}" for name in ARCHS if name != "tiny"]
+    return [f"{RANDOM}{name}" for name in ARCHS if name not in TINY_BASES]
 
 
 def builtin_specs() -> list[str]:
@@ -77,18 +77,37 @@ def spec_arch(spec: str | BaseSpec) -> Arch:
         if not config.is_file():
             raise BaseModelError(f"base model folder '{parsed.path}' has no unet/config.json: it is not a diffusers "
                                  "model folder. Pass a folder written by save_pretrained, or a single file.")
-        unet = json.loads(config.read_text())
-        arch = arch_for_unet(unet)
-        if arch is None:
-            raise BaseModelError(f"base model '{parsed.text}': a UNet of text width {unet.get('cross_attention_dim')} "
-                                 f"is no known architecture ({', '.join(ARCHS)}).")
-        return arch
+        return _unet_config_arch(config, parsed.text)
     if parsed.kind == "file":
         from .single_file import detect_arch, read_header
 
         return detect_arch(parsed.path, read_header(parsed.path)[0])
-    raise BaseModelError(f"base model '{parsed.text}' is a hub id, and reading an architecture never downloads "
-                         "anything: pass a local folder or file (or a random:<arch> of the same architecture).")
+    return _hub_arch(parsed.text)
+
+
+def _unet_config_arch(config: Path, spec: str) -> Arch:
+    unet = json.loads(config.read_text())
+    arch = arch_for_unet(unet)
+    if arch is None:
+        raise BaseModelError(f"base model '{spec}': a UNet of text width {unet.get('cross_attention_dim')} "
+                             f"is no known architecture ({', '.join(ARCHS)}).")
+    return arch
+
+
+def _hub_arch(repo: str) -> Arch:
+    """A hub model's architecture from the local hub cache where it was downloaded before, else from
+    the published repos every architecture lists; reading an architecture never downloads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "unet/config.json")
+    if isinstance(cached, str):
+        return _unet_config_arch(Path(cached), repo)
+    for arch in ARCHS.values():
+        if repo in arch.hub_ids:
+            return arch
+    raise BaseModelError(f"base model '{repo}' is a hub id that is not in the local hub cache, and reading an "
+                         "architecture never downloads anything: pass a local folder or file (or a random:<arch> "
+                         "of the same architecture).")
 
 
 def spec_tokenizers(spec: str) -> list | None:

@@ -61,12 +61,17 @@ class RecipeRules(Section):
                              f"choose from {list(allowed)}")
         return self
 
-    def notes(self) -> list[str]:
-        """Settings that do nothing in this combination: said, naming the key, instead of ignored silently."""
+    def notes(self, arch=None) -> list[str]:
+        """Settings that do nothing in this combination, or that fit the base badly (with its architecture):
+        said, naming the key, instead of ignored silently."""
         notes = []
         if self.data.cache_latents and self.data.crop == "random":
             notes.append("data.cache_latents = true does nothing with data.crop = 'random' (each step crops anew, "
                          "so every picture is encoded every time); set data.cache_latents = false to say so")
+        if arch is not None and arch.version is None and self.data.resolution < 0.75 * arch.resolution:
+            notes.append(f"data.resolution = {self.data.resolution}: {arch.name} was trained at {arch.resolution} px; "
+                         "smaller pictures teach it a blurrier, differently framed subject. Use "
+                         f"data.resolution = {arch.resolution} unless memory forbids it")
         return notes
 
     def fill(self, text: str) -> str:

@@ -17,7 +17,13 @@ class Section(BaseModel):
 
 
 class BaseSection(Section):
-    model: str = Field("tiny", description="tiny | random:sd15 | random:sd21 | diffusers folder | .safetensors file | hub id")
+    model: str = Field("tiny", description="toy | tiny | tiny-xl | random:sd15 | random:sd21 | random:sdxl | "
+                       "diffusers folder | .safetensors file | hub id")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto", description="auto: what the base says (a v_pred key, its scheduler config); v_prediction for "
+        "v-pred community bases whose file does not say so")
+    zero_terminal_snr: bool = Field(False, description="rescale the noise schedule to zero terminal SNR (needs "
+                                    "v-prediction; NoobAI-style v-pred bases were trained so)")
 
 
 class DataSection(Section):
@@ -41,11 +47,15 @@ class TrainSection(Section):
     gradient_accumulation: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     text_encoder_lr: float | None = Field(None, gt=0, description="defaults to learning_rate")
+    text_encoder_2_lr: float | None = Field(None, gt=0, description="SDXL's second text encoder (OpenCLIP-G); "
+                                            "defaults to text_encoder_lr")
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field(
+        "adamw", description="adafactor: factored second moments and no first moment: the smallest state, for "
+        "full fine-tunes on small cards")
     weight_decay: float = Field(1e-2, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)

@@ -20,10 +20,10 @@ def attach_file(kind: str, pipe, base, path: Path, strength: float) -> Callable[
         attach_hypernetworks(pipe, base, [(path, strength)])
         return lambda: pipe.unet.set_attn_processor(processors)
     if kind == "embedding":  # a new word has no strength: any strength above 0 turns it on
-        from .embeddings import attach_embeddings
+        from .embeddings import attach_embeddings, unload_embeddings
 
         if strength <= 0:
             return lambda: None
         attach_embeddings(pipe, base, [path])
-        return pipe.unload_textual_inversion
+        return lambda: unload_embeddings(pipe, base)
     raise ValueError(f"no sampler attaches a {kind!r} file")

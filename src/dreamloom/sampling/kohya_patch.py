@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import AdapterError
 
 
 def adapter_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -54,20 +53,13 @@ def build(path: Path, base, tensors: dict[str, torch.Tensor]) -> list[tuple[torc
             continue
         built.append((layer, lyco))
     if problems:
-        made_for = base_of(path)
-        raise AdapterError(
-            f"LoRA '{path}' does not fit base '{base.spec}' (architecture {base.arch.name}); it was made for: "
-            f"{made_for}. {len(problems)} layer(s) differ, e.g.\n  " + "\n  ".join(problems[:5])
-            + "\nPass the base model this LoRA was trained on with --base.")
+        from safetensors import safe_open
+
+        from .lora_files import not_fitting
+
+        with safe_open(path, "pt") as f:
+            raise not_fitting(path, base, f.metadata() or {}, problems)
     return built
-
-
-def base_of(path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata() or {}
-    return metadata.get("dreamloom.arch") or metadata.get("ss_base_model_version") or "unknown"
 
 
 @torch.no_grad()

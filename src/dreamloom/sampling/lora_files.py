@@ -31,8 +31,7 @@ def resolve_lora_path(path: str | Path) -> Path:
 
 
 def read_lora(path: Path, base=None) -> tuple[str, dict[str, tuple[int, ...]], dict[str, str]]:
-    """(layout, key -> shape, metadata). Layout is 'kohya' or 'diffusers' (with a base: as its family
-    names its parts; without one: as any family does)."""
+    """(layout, key -> shape, metadata). Layout is 'kohya' or 'diffusers', as any family names its parts."""
     try:
         with safe_open(path, "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -40,7 +39,8 @@ def read_lora(path: Path, base=None) -> tuple[str, dict[str, tuple[int, ...]], d
     except Exception as exc:
         raise AdapterError(f"LoRA file '{path}' cannot be read as safetensors: {exc}") from exc
     keys = [k for k in shapes if not k.startswith(BUNDLE)]
-    families = [base.family] if base is not None else list(FAMILIES.values())
+    # Any family's names: a file made for another family is then told apart by its layers, and refused by name.
+    families = list(FAMILIES.values())
     kohya = tuple(p for f in families for p in (*f.kohya_prefixes.values(), *f.kohya_aliases))
     parts = {p for f in families for p in ("unet", *f.text_encoders)}
     if keys and all(k.startswith(kohya) for k in keys):
@@ -77,9 +77,24 @@ def check_diffusers_lora_fits(path: Path, base, shapes: dict, metadata: dict) ->
         elif up and shape[0] != expected[module][1]:
             problems.append(f"{module}: output width {shape[0]}, the base has {expected[module][1]}")
     if problems:
-        made_for = metadata.get("dreamloom.arch") or metadata.get("ss_base_model_version") or "unknown"
-        raise AdapterError(
-            f"LoRA '{path}' does not fit base '{base.spec}' (architecture {base.arch.name}); it was made "
-            f"for: {made_for}. {len(problems)} layer(s) differ, e.g.\n  " + "\n  ".join(problems[:5])
-            + "\nPass the base model this LoRA was trained on with --base."
-        )
+        raise not_fitting(path, base, metadata, problems)
+
+
+def made_for(metadata: dict[str, str]) -> str:
+    """What a file says it was made for, with its family: `tiny-xl (SDXL)`, `sd_v1 (SD 1.x)`, or `unknown`."""
+    from ..models import ARCHS
+
+    name = metadata.get("dreamloom.arch") or metadata.get("ss_base_model_version") or metadata.get(
+        "modelspec.architecture", "").split("/")[0]
+    arch = ARCHS.get(name)
+    family = FAMILIES[arch.family] if arch else next(
+        (f for f in FAMILIES.values() if name and (name == f.kohya_version or name.startswith(f.modelspec)
+                                                    or name.startswith(f.kohya_version))), None)
+    return f"{name} ({family.title})" if family and name else name or "unknown"
+
+
+def not_fitting(path: Path, base, metadata: dict[str, str], problems: list[str]) -> AdapterError:
+    return AdapterError(
+        f"LoRA '{path}' was made for {made_for(metadata)} and does not fit base '{base.spec}' ({base.family.title}, "
+        f"architecture {base.arch.name}): {len(problems)} layer(s) differ, e.g.\n  " + "\n  ".join(problems[:5])
+        + "\nPass the base model this LoRA was trained on with --base.")

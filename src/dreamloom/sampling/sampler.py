@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import AdapterError
-from .embeddings import load_embedding, read_bundle
+from .embeddings import load_embedding, read_bundle, unload_embeddings
 from .lora_files import check_diffusers_lora_fits, read_lora, resolve_lora_path
 
 MAX_STRENGTH = 10.0  # ComfyUI's sliders go further, but beyond this pictures are noise, not style
@@ -42,10 +42,10 @@ def attach_loras(pipe, base, loras: list[tuple[str | Path, float]]) -> Callable[
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=f"lora{i}")
             names.append(f"lora{i}")
             scales.append(scale)
-        for word, vectors in bundled.items():
-            load_embedding(pipe, base, word, vectors, f"{path} (bundled)")
+        for word, layout in bundled.items():
+            load_embedding(pipe, base, word, layout, f"{path} (bundled)")
         if bundled:
-            undo.append(pipe.unload_textual_inversion)
+            undo.append(lambda: unload_embeddings(pipe, base))
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
         undo.append(pipe.unload_lora_weights)

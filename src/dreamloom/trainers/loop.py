@@ -4,6 +4,7 @@ steps and finishes; each of those three is one function below."""
 from __future__ import annotations
 
 import errno
+import math
 import time
 import traceback
 from contextlib import ExitStack, nullcontext, suppress
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ..datasets import load_items
 from ..errors import DreamloomError, RecipeError, TrainingStopped
-from ..models import Base, load_base
+from ..models import Base
+from ..models.base import load_recipe_base
 from ..paths import free_bytes, human_bytes
 from .checkpoint import load_checkpoint, register_hooks, save_checkpoint
 from .data import TrainingData, TrainingStream
@@ -102,9 +104,9 @@ def set_up(run, base, items) -> TrainState:
     recipe = run.recipe()
     t = recipe.train
     items = items if items is not None else dataset_items(recipe)
-    base = base if base is not None else load_base(recipe.base.model)
+    base = base if base is not None else load_recipe_base(recipe.base)
     method = get_method(recipe.method)(recipe)
-    for note in recipe.notes():
+    for note in recipe.notes(base.arch):
         run.log("warning", message=note)
 
     precision = resolve_mixed_precision(t.mixed_precision, PartialState().device)
@@ -176,6 +178,11 @@ def train_step(state: TrainState, step: int) -> float:
                 loss = state.method.loss(state.base, state.stream.batch(step, micro)) / t.gradient_accumulation
                 accelerator.backward(loss)
             step_loss += loss.item()
+    if not math.isfinite(step_loss):  # training on would only spread the NaN through every weight
+        raise DreamloomError(
+            f"the loss became {step_loss} at step {step + 1}: the weights would be ruined, so training stopped (checkpoints "
+            "made so far are intact). Usually fp16 overflowing: set train.mixed_precision = 'bf16' (or 'no'); "
+            f"else lower train.learning_rate ({state.recipe.train.learning_rate:g}); then resume.")
     optimizer.clip()
     state.lr = state.lr_scheduler.get_last_lr()[0]  # the rate this step used
     optimizer.step()

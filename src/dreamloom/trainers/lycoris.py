@@ -93,7 +93,7 @@ class LycorisMethod(Method):
             for name, (rank, alpha) in self.targets(base, part).items():
                 layer = module.get_submodule(name)
                 self.check_layer(name, layer, rank)
-                lyco = cls(base.family.kohya_name(part, name), layer, 1.0, rank, alpha, dropout=lora.dropout,
+                lyco = cls(base.family.kohya_name(base, part, name), layer, 1.0, rank, alpha, dropout=lora.dropout,
                            weight_decompose=lora.use_dora, **self.module_options())
                 lyco.to(layer.weight.device)
                 lyco.apply_to()

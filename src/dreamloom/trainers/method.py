@@ -95,7 +95,7 @@ class Method:
     def sampling_model(cls, run: "RunDir", files: dict[str, Path]):
         """(base, pipeline) as a user samples this run's exports ({format: path}): by default the
         run's base with the first format that attaches. Methods that export a whole model override it."""
-        from ..models import load_base
+        from ..models.base import load_recipe_base
         from ..sampling.attach import attach_file
 
         recipe = run.recipe()
@@ -105,7 +105,7 @@ class Method:
 
             raise DreamloomError(f"run '{run.path}' exported none of {[f.name for f in cls.formats if f.attach]}, "
                                  "the files a sampler can put on its base; re-export it with one of them.")
-        base = load_base(recipe.base.model)
+        base = load_recipe_base(recipe.base)
         pipe = base.pipeline()
         attach_file(fmt.attach, pipe, base, files[fmt.name], 1.0)
         return base, pipe
@@ -118,8 +118,11 @@ def freeze(base: "Base") -> None:
 
 
 def part_learning_rate(train, part: str) -> float:
-    """The UNet's weights train at train.learning_rate, a text encoder's at train.text_encoder_lr (if set)."""
-    return train.learning_rate if part == "unet" else (train.text_encoder_lr or train.learning_rate)
+    """The UNet's weights train at train.learning_rate, a text encoder's at train.<part>_lr (SDXL's second:
+    text_encoder_2_lr), falling back to text_encoder_lr, then learning_rate."""
+    if part == "unet":
+        return train.learning_rate
+    return getattr(train, f"{part}_lr", None) or train.text_encoder_lr or train.learning_rate
 
 
 def format_of(method: type[Method], name: str) -> Format:

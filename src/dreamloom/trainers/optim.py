@@ -17,6 +17,11 @@ def make_optimizer(train, groups: ParamGroups) -> torch.optim.Optimizer:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, **kwargs)
+    if train.optimizer == "adafactor":  # transformers' Adafactor with a fixed rate, as kohya runs it
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=train.learning_rate, weight_decay=train.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False, beta1=None)
     if train.optimizer == "prodigy":
         from prodigyopt import Prodigy  # adapts the step size itself: learning_rate ~1.0
 

@@ -21,7 +21,9 @@ def cast_for_precision(base, dtype: torch.dtype, keep_trained: bool) -> None:
     the recipe keeps them in bf16 (stochastic rounding takes care of their updates)."""
     if dtype == torch.float32:
         return
-    for module in base.modules().values():
+    for name, module in base.modules().items():
+        if name == "vae" and dtype == torch.float16 and getattr(module.config, "force_upcast", False):
+            continue  # SDXL's VAE overflows in fp16 (black or NaN pictures): it encodes and decodes in fp32
         for p in module.parameters():
             if not p.requires_grad or keep_trained:
                 p.data = p.data.to(dtype)

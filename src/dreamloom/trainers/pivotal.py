@@ -43,6 +43,7 @@ class PivotalMethod(Method):
         return ("unet", *base.family.text_encoders)  # the embedding's vectors live in the text encoders
 
     def prepare(self, base) -> ParamGroups:
+        ti_module.check_formats(self.recipe, base)
         groups = self.lora.prepare(base)  # freezes every part, then adds the adapters
         return groups + [self.ti.param_group(self.ti.install(base))]
 
@@ -67,7 +68,7 @@ class PivotalMethod(Method):
         vectors, args = ti_module.trigger_vectors(base), self.lora.network_args()
         written = []
         if "bundle" in formats:
-            tensors = {**kohya_tensors(base, parts, configs), **bundle_tensors(recipe.data.trigger, vectors)}
+            tensors = {**kohya_tensors(base, parts, configs), **bundle_tensors(base, recipe.data.trigger, vectors)}
             written.append(write_kohya_lora(self.export_path(run, "bundle"), run, base, recipe, tensors, args,
                                             overwrite=overwrite))
         if "kohya" in formats:

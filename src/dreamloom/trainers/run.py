@@ -14,8 +14,8 @@ from safetensors import SafetensorError
 
 from ..errors import DreamloomError, RecipeError
 from ..rundir import RunDir
-from ..models import load_base, parse_base_spec
-from ..models.base import meta_base
+from ..models import parse_base_spec, spec_arch
+from ..models.base import load_recipe_base, meta_base
 from ..paths import check_writable_folder
 from ..recipes.schema import method_formats
 from .checkpoint import load_trainable
@@ -52,7 +52,9 @@ def check_run_inputs(recipe, out_root: str | Path | None = None) -> list:
     if not recipe.data.path:
         raise RecipeError("no training images: pass --data FOLDER (or set data.path in the recipe).")
     get_method(recipe.method)(recipe)  # a method checks its own settings on creation
-    for note in recipe.notes():  # settings that do nothing in this combination: said, not ignored silently
+    spec = parse_base_spec(recipe.base.model)
+    arch = spec_arch(spec) if spec.local else None
+    for note in recipe.notes(arch):  # settings that do nothing here, or fit the base badly: said, not ignored
         warnings.warn(note, UserWarning, stacklevel=2)
     check_precision(recipe.train)
     checkpoint_bytes = preflight(recipe)
@@ -84,7 +86,7 @@ def start_run(recipe, out_root: str | Path, log=None) -> tuple[RunDir, list[Path
     If training fails on a user's error before its first checkpoint, the run directory holds
     nothing of value and is removed."""
     items = check_run_inputs(recipe, out_root)
-    base = load_base(recipe.base.model)
+    base = load_recipe_base(recipe.base)
     run = RunDir.create(out_root, recipe)
     run.write_manifest(items)
     if log is not None:
@@ -125,7 +127,7 @@ def export_run(path: str | Path, formats: list[str] | None = None, overwrite: bo
         raise DreamloomError(f"checkpoint '{checkpoint}' is damaged: its weights cannot be read "
                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'})."
                              + offer) from exc
-    base = load_base(recipe.base.model)
+    base = load_recipe_base(recipe.base)
     method = get_method(recipe.method)(recipe)
     method.prepare(base)
     method.load_state_dict(base, state)

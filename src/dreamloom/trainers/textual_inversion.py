@@ -108,6 +108,14 @@ def embedding_key(base, part: str) -> str:
     return EMBEDDING_KEY if part == base.family.text_encoders[0] else f"{EMBEDDING_KEY}.{part}"
 
 
+def check_formats(recipe, base) -> None:
+    """A1111's .pt embedding holds one text encoder's vectors: none for a family with two (SDXL)."""
+    if base.family.embedding_keys is not None and "a1111_pt" in recipe.export.formats:
+        raise RecipeError(f"export.formats 'a1111_pt': an A1111 .pt embedding holds one text encoder's vectors, and "
+                          f"{base.family.title} has {len(base.family.text_encoders)}; use 'a1111' (one .safetensors with "
+                          f"{' and '.join(base.family.embedding_keys.values())}, what A1111/Forge and ComfyUI load).")
+
+
 class TextualInversionMethod(Method):
     name = "textual_inversion"
     sections = {"textual_inversion": TextualInversionSection}
@@ -169,6 +177,7 @@ class TextualInversionMethod(Method):
         return vectors
 
     def prepare(self, base) -> ParamGroups:
+        check_formats(self.recipe, base)
         freeze(base)
         return [self.param_group(self.install(base))]
 

@@ -103,8 +103,8 @@ except DreamloomError as exc:
 memory = st.cache_data(form.predicted_memory, show_spinner="Estimating GPU memory...", max_entries=64)(
     dump_recipe(recipe))
 if memory is None:
-    st.caption("No GPU memory estimate for this base: it is read from `toy`, `tiny`, `random:*` or a local "
-               "model's files.")
+    st.caption("No GPU memory estimate for this base: it is read from `toy`, `tiny`, `random:*`, a local "
+               "model's files, a published base's hub id or a model in the local hub cache.")
 else:
     st.metric("Predicted GPU memory", f"{memory[0]:.1f} GiB", help="The peak of training on a CUDA GPU; on a CPU "
               "training uses ordinary memory instead.")
