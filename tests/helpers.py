@@ -45,6 +45,18 @@ def write_subject_images(folder: Path, count: int = 4) -> list[Path]:
     return paths
 
 
+def write_shaped_images(folder: Path) -> Path:
+    """Wide, tall and square star pictures with tag captions and masks hiding their left third."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate([(120, 72), (128, 80), (72, 120), (96, 96), (80, 128), (112, 64)]):
+        subject_image(i, 128).resize((w, h)).save(folder / f"p{i}.png")
+        mask = Image.new("L", (w, h), 255)
+        mask.paste(0, (0, 0, w // 3, h))
+        mask.save(folder / f"p{i}.mask.png")
+        (folder / f"p{i}.txt").write_text(f"sks, star, tag{i}, orange, outline, shape {i % 3}")
+    return folder
+
+
 def image(pipe, prompt: str = PROMPT, seed: int = 3, steps: int = 4) -> np.ndarray:
     """One image as floats, straight from the pipeline (no 8-bit rounding)."""
     g = torch.Generator("cpu").manual_seed(seed)
@@ -57,7 +69,7 @@ def train_tiny(out, subject_dir, sets=(), recipe="tiny-lora"):
     base = load_base(recipe.base.model)
     items = dataset_items(recipe)
     run = RunDir.create(out, recipe)
-    run.write_manifest(items)
+    run.write_manifest(items.train)
     exports = train(run, base=base, items=items)
     return run, unwrapped(base), exports
 

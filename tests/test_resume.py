@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dreamloom.rundir import RunDir
 from dreamloom.trainers.run import resume_run
-from helpers import train_tiny
+from helpers import train_tiny, write_shaped_images
 
 COMMON = ["train.steps=150", "train.checkpoint_every=10", "train.keep_checkpoints=3"]
 CASES = {
@@ -32,7 +32,12 @@ CASES = {
     "dora": ("tiny-dora", COMMON),
     "sdxl-lora-both-text-encoders": ("tiny-xl-lora", COMMON + ["lora.train_text_encoder=true"]),
     "sdxl-ti": ("tiny-xl-ti", COMMON),  # one vector set per text encoder
+    # buckets of three shapes, masks and shuffled, dropped-out tags: every draw must replay
+    "lora-buckets-masks-tags": ("tiny-lora", COMMON + [
+        "data.buckets=true", "data.bucket_step=16", "data.masked_loss=true", "data.shuffle_tags=true",
+        "data.keep_tokens=1", "data.tag_dropout=0.2", "train.batch_size=2", "data.min_image_size=32"]),
 }
+SHAPED = {"lora-buckets-masks-tags"}  # trained on write_shaped_images' pictures
 
 
 def wait_for_checkpoint(out, proc, timeout=120.0) -> RunDir:
@@ -49,6 +54,8 @@ def wait_for_checkpoint(out, proc, timeout=120.0) -> RunDir:
 @pytest.mark.parametrize("case", CASES)
 def test_resume_after_sigkill_matches_uninterrupted_run(case, tmp_path, subject_dir, cli_env):
     recipe, sets = CASES[case]
+    if case in SHAPED:
+        subject_dir = write_shaped_images(tmp_path / "shaped")
     out = tmp_path / "killed"
     cmd = ["dreamloom", "train", recipe, "--data", str(subject_dir), "--class-word", "star", "--out", str(out)]
     proc = subprocess.Popen(cmd + [a for s in sets for a in ("--set", s)], env=cli_env,

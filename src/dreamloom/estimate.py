@@ -235,7 +235,8 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
     from .paths import cache_root
     from .trainers.parts import cast_for_precision
     from .trainers.registry import get_method
-    spec, res, t = base_spec or recipe.base.model, resolution or recipe.data.resolution, recipe.train
+    # Every bucket's area is at most resolution^2, so the square of the largest resolution is the peak.
+    spec, res, t = base_spec or recipe.base.model, resolution or max(recipe.data.all_resolutions), recipe.train
     if res % 8 or res < 32:
         raise RecipeError(f"resolution {res}: it must be a multiple of 8, at least 32.")
     precision = {"auto": "bf16", "no": "fp32"}.get(t.mixed_precision, t.mixed_precision)
@@ -245,7 +246,8 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
     trained = list({id(p): p for g in method.prepare(base) for p in g["params"]}.values())
     cast_for_precision(base, dtype, keep_trained=bf16_weights)
     weights, labels, names, vae = {}, {}, {}, [] if recipe.data.cache_latents and recipe.data.crop == "center" else ["vae"]
-    for part in dict.fromkeys(["unet", *method.trainable_parts(base), *vae]):  # what the loop keeps on the GPU
+    text = list(base.family.text_encoders) if recipe.data.varied_captions else []  # encoded every step then
+    for part in dict.fromkeys(["unet", *method.trainable_parts(base), *vae, *text]):  # what the loop keeps on the GPU
         params = dict(getattr(base, part).named_parameters())
         names.update({id(p): name for name, p in params.items()})
         weights[part] = sum(p.numel() * p.element_size() for p in params.values())

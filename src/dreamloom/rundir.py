@@ -7,6 +7,7 @@ resume all read.
     <run>/checkpoints/step-XXXXXXXX/   resumable state, written atomically
     <run>/samples/          validation grids
     <run>/exports/          the files users take away
+    <run>/exports/step-N/   the same, exported from the checkpoint of step N on request
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ CHECKPOINT_PREFIX = "step-"
 
 
 class RunDir:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, exports: Path | None = None):
         self.path = Path(path)
+        self._exports = exports
 
     @classmethod
     def create(cls, out_root: str | Path, recipe: Recipe) -> "RunDir":
@@ -77,7 +79,16 @@ class RunDir:
 
     @property
     def exports(self) -> Path:
-        return self.path / "exports"
+        return self._exports or self.path / "exports"
+
+    def checkpoint_exports(self, step: int) -> "RunDir":
+        """The run, with its exports going to exports/step-N: a checkpoint's files never replace the final ones."""
+        return RunDir(self.path, self.path / "exports" / f"{CHECKPOINT_PREFIX}{step}")
+
+    def exported_steps(self) -> list[int]:
+        folder = self.path / "exports"
+        found = [p.name.removeprefix(CHECKPOINT_PREFIX) for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
+        return sorted(int(s) for s in found if s.isdigit())
 
     @property
     def events_path(self) -> Path:

@@ -1,4 +1,4 @@
-"""Decode training images into normalized, square tensors."""
+"""Decode training images into normalized tensors of a square or a bucket's size."""
 
 from __future__ import annotations
 
@@ -36,51 +36,63 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(width, height) after the shorter side is resized to `resolution`."""
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+def as_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height): a square side, or the pair itself."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def center_crop(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(top, left) of the centred square crop in the resized picture."""
-    size = resized_size(width, height, resolution)
-    return (size[1] - resolution) // 2, (size[0] - resolution) // 2
+def resized_size(width: int, height: int, size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the picture resized to cover `size` (a square side or (width, height)):
+    the shorter side of a square, the tighter side of a bucket, fits exactly."""
+    w, h = as_size(size)
+    scale = max(w / width, h / height)
+    return max(w, round(width * scale)), max(h, round(height * scale))
+
+
+def crop_offsets(width: int, height: int, size: int | tuple[int, int], crop: str = "center",
+                 generator: torch.Generator | None = None) -> tuple[int, int]:
+    """(top, left) of the crop in the resized picture: centred, or drawn from `generator`."""
+    if crop not in CROP_MODES:
+        raise ValueError(f"unknown crop mode {crop!r}; expected one of {CROP_MODES}")
+    (rw, rh), (w, h) = resized_size(width, height, size), as_size(size)
+    if crop == "center":
+        return (rh - h) // 2, (rw - w) // 2
+    left = int(torch.randint(0, rw - w + 1, (1,), generator=generator))
+    top = int(torch.randint(0, rh - h + 1, (1,), generator=generator))
+    return top, left
+
+
+def fit(img: Image.Image, size: int | tuple[int, int], offsets: tuple[int, int], flip: bool,
+        resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize to cover `size`, crop at `offsets` (top, left), mirror if `flip`."""
+    (w, h), (top, left) = as_size(size), offsets
+    # PIL's bicubic resize widens its kernel when shrinking, so it is antialiased.
+    img = img.resize(resized_size(*img.size, size), resample)
+    img = img.crop((left, top, left + w, top + h))
+    return ImageOps.mirror(img) if flip else img
 
 
 def load_image(
     path: str | Path,
-    resolution: int,
+    size: int | tuple[int, int],
     *,
-    crop: str = "center",
+    crop: str | tuple[int, int] = "center",
     flip: bool = False,
     generator: torch.Generator | None = None,
     return_crop: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, tuple[int, int]]:
-    """Load `path` as a float32 [3, resolution, resolution] tensor in [-1, 1] (and, with
-    `return_crop`, where the crop starts in the resized picture: (top, left)).
+    """Load `path` as a float32 [3, height, width] tensor in [-1, 1] (and, with `return_crop`,
+    where the crop starts in the resized picture: (top, left)).
 
-    The shorter side is resized to `resolution`, then the longer one is cropped
-    ("center", or "random" drawn from `generator`), then mirrored if `flip`.
+    `size` is a square side or a bucket's (width, height). The picture is resized to cover it,
+    then cropped ("center", "random" drawn from `generator`, or at given (top, left)), then
+    mirrored if `flip`.
     """
-    if crop not in CROP_MODES:
+    if isinstance(crop, str) and crop not in CROP_MODES:
         raise ValueError(f"unknown crop mode {crop!r}; expected one of {CROP_MODES}")
     img = to_rgb(open_oriented(path))
-
-    size = resized_size(*img.size, resolution)
-    # PIL's bicubic resize widens its kernel when shrinking, so it is antialiased.
-    img = img.resize(size, Image.Resampling.BICUBIC)
-
-    spare_x, spare_y = size[0] - resolution, size[1] - resolution
-    if crop == "center":
-        left, top = spare_x // 2, spare_y // 2
-    else:
-        left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
-        top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = ImageOps.mirror(img)
-
+    offsets = crop if not isinstance(crop, str) else crop_offsets(*img.size, size, crop, generator)
+    img = fit(img, size, offsets, flip)
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
     pixels = pixels.float() / 127.5 - 1.0
-    return (pixels, (top, left)) if return_crop else pixels
+    return (pixels, offsets) if return_crop else pixels

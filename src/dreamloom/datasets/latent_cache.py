@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dreamloom.atomic import atomic_path
-from dreamloom.datasets.images import load_image
+from dreamloom.datasets.images import as_size, crop_offsets, load_image
 from dreamloom.datasets.scan import DataItem
 
 _KEY = "moments"
@@ -49,26 +49,30 @@ def sample_latents(moments: torch.Tensor, generator: torch.Generator | None) -> 
 
 
 class LatentCache:
-    """One safetensors file per (image bytes, resolution, flip, VAE) combination."""
+    """One safetensors file per (image bytes, bucket and crop, flip, VAE) combination."""
 
     def __init__(self, root: str | Path, vae_fingerprint: str):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.vae_fingerprint = vae_fingerprint
 
-    def path_for(self, item: DataItem, resolution: int, flip: bool) -> Path:
+    def path_for(self, item: DataItem, size: int | tuple[int, int], flip: bool) -> Path:
+        """Keyed by the picture's bytes, its bucket, where the (centred) crop starts, the mirror
+        and the VAE: any of them changing makes another latent."""
+        (w, h), (top, left) = as_size(size), crop_offsets(item.width, item.height, size)
         flipped = "flip" if flip else "noflip"
-        name = f"{item.sha256}-{resolution}-{flipped}-{self.vae_fingerprint}.safetensors"
+        name = f"{item.sha256}-{w}x{h}-t{top}l{left}-{flipped}-{self.vae_fingerprint}.safetensors"
         return self.root / name
 
-    def moments(self, item: DataItem, resolution: int, flip: bool, vae) -> torch.Tensor:
-        """Mean and logvar ([2C, h, w], float32, CPU) of the center-cropped image."""
-        path = self.path_for(item, resolution, flip)
+    def moments(self, item: DataItem, size: int | tuple[int, int], flip: bool, vae) -> torch.Tensor:
+        """Mean and logvar ([2C, h, w], float32, CPU) of the center-cropped image at `size` (a
+        square side or a bucket's (width, height))."""
+        path = self.path_for(item, size, flip)
         cached = self._read(path)
         if cached is not None:
             return cached
         first = next(vae.parameters())
-        pixels = load_image(item.path, resolution, crop="center", flip=flip)
+        pixels = load_image(item.path, size, crop="center", flip=flip)
         pixels = pixels.unsqueeze(0).to(device=first.device, dtype=first.dtype)
         with torch.no_grad():
             moments = vae.encode(pixels).latent_dist.parameters[0]

@@ -7,16 +7,23 @@ import hashlib
 import io
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dreamloom.captions import fill_placeholders, unknown_placeholders
 from dreamloom.datasets.images import open_oriented
+from dreamloom.datasets.masks import MASK_SUFFIX, find_mask
 from dreamloom.errors import DatasetError
 
 SUPPORTED_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 CAPTION_COLUMNS = ("text", "caption")
+
+
+def is_picture(path: Path) -> bool:
+    """A training picture of a folder: an image file, not a mask beside one, not a hidden file."""
+    return (path.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES and not path.name.endswith(MASK_SUFFIX)
+            and not path.name.startswith("."))
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,8 @@ class DataItem:
     width: int  # size after EXIF orientation
     height: int
     sha256: str  # hex digest of the file's bytes (used as cache key)
+    repeats: int = 1  # how often it is seen per epoch (its folder's repeats)
+    mask: Path | None = None  # where its loss mask is: a <stem>.mask.png, or the picture itself (its alpha)
 
 
 def load_items(
@@ -35,11 +44,17 @@ def load_items(
     class_word: str,
     caption_template: str = "a photo of {trigger} {class_word}",
     min_image_size: int = 64,
+    repeats: int = 1,
+    caption_prefix: str = "",
+    caption_suffix: str = "",
+    masks: bool = False,
 ) -> list[DataItem]:
     """Read every image of `folder` with its caption, validating all of them first.
 
     `folder` holds images with optional same-stem `.txt` captions, or is a Hugging Face
     imagefolder (a `metadata.jsonl`/`metadata.csv` with `file_name` and `text`/`caption`).
+    `caption_prefix`/`caption_suffix` go around every caption; with `masks`, each picture's
+    loss mask (a `<stem>.mask.png` beside it, else its alpha channel) is found and checked.
     Raises one DatasetError that lists every problem found.
     """
     root = Path(folder).expanduser().resolve()
@@ -67,10 +82,12 @@ def load_items(
     items = []
     for path, caption in sorted(captioned):
         name = _display_name(path, root)
-        caption = fill_placeholders(caption, trigger, class_word) if caption else ""
-        item = _inspect(path, name, caption or default_caption, min_image_size, problems)
+        own = fill_placeholders(caption, trigger, class_word) if caption else ""
+        caption = fill_placeholders(f"{caption_prefix} {own or default_caption} {caption_suffix}", trigger, class_word)
+        item = _inspect(path, name, caption, min_image_size, problems)
         if item is not None:
-            items.append(item)
+            item = replace(item, repeats=repeats)
+            items.append(replace(item, mask=find_mask(item, name, problems)) if masks else item)
     if problems:
         raise DatasetError(
             f"Found {len(problems)} problem(s) in dataset folder {root}:\n"
@@ -88,8 +105,8 @@ def _read_sidecars(root: Path, problems: list[str]) -> list[tuple[Path, str]]:
     """Images directly in `root`, each with the text of its `<stem>.txt` if any."""
     found = []
     for path in root.iterdir():
-        if not path.is_file() or path.suffix.lower() not in SUPPORTED_SUFFIXES:
-            continue  # .txt sidecars, .DS_Store, notes, sub-folders...
+        if not is_picture(path):
+            continue  # .txt sidecars, masks, .DS_Store, notes, sub-folders...
         sidecar = path.with_suffix(".txt")
         caption = ""
         if sidecar.is_file():

@@ -68,6 +68,14 @@ class RecipeRules(Section):
         if self.data.cache_latents and self.data.crop == "random":
             notes.append("data.cache_latents = true does nothing with data.crop = 'random' (each step crops anew, "
                          "so every picture is encoded every time); set data.cache_latents = false to say so")
+        d, default = self.data, DataSection()
+        tags, tags_need = d.varied_captions, "data.shuffle_tags = true or data.tag_dropout > 0"
+        for key, on, needs in (("keep_tokens", tags, tags_need), ("keep_tokens_separator", tags, tags_need),
+                               ("unmasked_weight", d.masked_loss, "data.masked_loss = true"),
+                               *((key, d.buckets, "data.buckets = true")
+                                 for key in ("bucket_step", "bucket_max_aspect", "bucket_max_upscale"))):
+            if getattr(d, key) != getattr(default, key) and not on:
+                notes.append(f"data.{key} = {getattr(d, key)!r} does nothing without {needs}")
         if arch is not None and arch.version is None and self.data.resolution < 0.75 * arch.resolution:
             notes.append(f"data.resolution = {self.data.resolution}: {arch.name} was trained at {arch.resolution} px; "
                          "smaller pictures teach it a blurrier, differently framed subject. Use "

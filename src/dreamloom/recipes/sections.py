@@ -7,7 +7,7 @@ that silently does nothing.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,12 +26,38 @@ class BaseSection(Section):
                                     "v-prediction; NoobAI-style v-pred bases were trained so)")
 
 
+class FolderSection(Section):
+    """One more folder of pictures ([[data.folders]]), with its own repeats and captions."""
+
+    path: str = Field(min_length=1, description="folder of images (+ .txt captions)")
+    repeats: int = Field(1, ge=1, le=1000, description="how often each picture is seen per epoch")
+    class_word: str | None = Field(None, description="this folder's class (default: data.class_word)")
+    caption_template: str | None = Field(None, description="captions of pictures without a .txt (default: "
+                                         "data.caption_template)")
+    caption_prefix: str = Field("", description="put before every caption of this folder, e.g. '{trigger}, '")
+    caption_suffix: str = ""
+    regularization: bool = Field(False, description="class pictures (prior preservation) instead of the subject")
+
+
 class DataSection(Section):
-    path: str = Field("", description="folder of images (+ .txt captions) or a datasets imagefolder")
+    path: str = Field("", description="folder of images (+ .txt captions), a datasets imagefolder, or a folder "
+                      "of kohya-style '<repeats>_<caption>' sub-folders")
     trigger: str = Field("sks", min_length=1, description="the new word that names the subject or style")
     class_word: str = Field("", description="what the subject is (dog, person, style)")
     caption_template: str = "a photo of {trigger} {class_word}"
+    caption_prefix: str = Field("", description="put before every caption, e.g. '{trigger}, ' for tag captions")
+    caption_suffix: str = ""
+    folders: list[FolderSection] = Field(default_factory=list, description="more folders, each with its own "
+                                         "repeats, captions and class ([[data.folders]])")
     resolution: int = Field(512, ge=32, le=2048, multiple_of=8)
+    resolutions: list[Annotated[int, Field(ge=32, le=2048, multiple_of=8)]] = Field(default_factory=list, description="more resolutions for the same run "
+                                   "(e.g. [768] beside resolution 512): every picture trains at each")
+    buckets: bool = Field(False, description="aspect-ratio bucketing: pictures keep their shape (equal-area "
+                          "buckets) instead of being centre-cropped to a square")
+    bucket_step: int = Field(64, ge=8, le=256, multiple_of=8, description="bucket sides are multiples of this")
+    bucket_max_aspect: float = Field(2.5, ge=1, le=8, description="the widest (and tallest) bucket's side ratio")
+    bucket_max_upscale: float = Field(2.0, ge=1, description="a picture is never enlarged more than this; a smaller "
+                                      "one gets a smaller bucket of its own")
     crop: Literal["center", "random"] = "center"
     flip: bool = Field(False, description="random horizontal flips (off for subjects with text/asymmetry)")
     repeats: int = Field(1, ge=1, le=1000)
@@ -39,6 +65,28 @@ class DataSection(Section):
     cache_latents: bool = Field(True, description="encode each image once; the VAE leaves memory while training")
     caption_dropout: float = Field(0.0, ge=0, lt=1, description="share of examples trained with an empty caption "
                                    "(what classifier-free guidance needs when pretraining)")
+    shuffle_tags: bool = Field(False, description="shuffle a caption's comma-separated tags at every step")
+    keep_tokens: int = Field(0, ge=0, description="the first N tags stay in place under shuffling and dropout "
+                             "(the trigger, say)")
+    keep_tokens_separator: str = Field("", description="tags before it stay in place (and after a second one, at "
+                                       "the end), e.g. '|||'")
+    tag_dropout: float = Field(0.0, ge=0, lt=1, description="each tag (but the kept ones) left out this often")
+    tag_separator: str = Field(",", min_length=1, description="what separates tags in a caption")
+    masked_loss: bool = Field(False, description="weight the loss by a mask per picture: its alpha channel, or "
+                              "<name>.mask.png beside it (white = learn, black = ignore)")
+    unmasked_weight: float = Field(0.0, ge=0, le=1, description="loss weight of what the mask hides")
+    validation_split: float = Field(0.0, ge=0, lt=1, description="share of the pictures held out to measure a "
+                                    "validation loss at every checkpoint")
+    validation_path: str = Field("", description="folder of held-out pictures for the validation loss")
+
+    @property
+    def all_resolutions(self) -> list[int]:
+        return list(dict.fromkeys([self.resolution, *self.resolutions]))
+
+    @property
+    def varied_captions(self) -> bool:
+        """Whether a caption changes from step to step (so text cannot be encoded once)."""
+        return self.shuffle_tags or self.tag_dropout > 0
 
 
 class TrainSection(Section):
@@ -75,6 +123,9 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1)
     sample_every: int = Field(0, ge=0, description="validation samples every N steps; 0: only at the end")
     log_every: int = Field(1, ge=1)
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="also log loss, lr, validation loss and samples to these, through "
+        "accelerate's trackers (TensorBoard under <run>/logs; W&B where installed); events.jsonl stays the record")
 
 
 class PriorSection(Section):
@@ -98,6 +149,8 @@ class SampleSection(Section):
     guidance_scale: float = Field(7.5, ge=0)
     seed: int = 7
     images_per_prompt: int = Field(2, ge=1, le=16)
+    at_checkpoints: bool = Field(False, description="draw the prompts at every checkpoint too (same seeds), for "
+                                 "the studio's checkpoint grid")
 
 
 class ExportSection(Section):

@@ -19,6 +19,7 @@ class Batch:
     weights: torch.Tensor | None = None  # per-example loss weights summing to the batch's loss; default 1/B
     original_size: torch.Tensor | None = None  # [B, 2] each picture's (height, width) before it was resized
     crop_top_left: torch.Tensor | None = None  # [B, 2] where its crop starts in the resized picture
+    mask: torch.Tensor | None = None  # [B, 1, h, w] loss weights in latent space (data.masked_loss)
 
     def with_prior(self, prior: "Batch", prior_weight: float) -> "Batch":
         """Instance and class examples in one step: loss = instance mean + weight * class mean."""
@@ -28,8 +29,16 @@ class Batch:
         return Batch(torch.cat([self.latents, prior.latents]),
                      tuple(torch.cat(pair) for pair in zip(self.tokens, prior.tokens)),
                      self.captions + prior.captions, self.generator, cond, weights,
-                     _cat(self.original_size, prior.original_size), _cat(self.crop_top_left, prior.crop_top_left))
+                     _cat(self.original_size, prior.original_size), _cat(self.crop_top_left, prior.crop_top_left),
+                     _masks(self, prior))
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return None if a is None or b is None else torch.cat([a, b])
+
+
+def _masks(*batches: Batch) -> torch.Tensor | None:
+    """The batches' masks side by side; a batch without one counts whole."""
+    if all(b.mask is None for b in batches):
+        return None
+    return torch.cat([b.mask if b.mask is not None else torch.ones_like(b.latents[:, :1]) for b in batches])

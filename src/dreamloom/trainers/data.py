@@ -1,12 +1,22 @@
 """Batches for the loop: a deterministic function of (seed, step), so a resumed run sees exactly
-the batches, noise and timesteps an uninterrupted one would have."""
+the batches, noise, crops, tags and timesteps an uninterrupted one would have.
+
+An example is one picture at one size: its square crop at each of data.resolution(s), or with
+data.buckets its aspect-ratio bucket at each. All examples of a batch share their size.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
 from ..datasets import DataItem, LatentCache, load_image, module_fingerprint, sample_latents
-from ..datasets.images import center_crop, resized_size
+from ..datasets.buckets import nearest_bucket
+from ..datasets.images import crop_offsets, resized_size
+from ..datasets.masks import load_mask
+from ..datasets.tags import vary_tags
 from ..models.family import Conditioning
 from ..paths import cache_root
 from .batch import Batch
@@ -16,31 +26,64 @@ def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + micro) % 2**63)
 
 
+@dataclass(frozen=True)
+class Example:
+    item: int  # index into the items
+    size: tuple[int, int]  # (width, height) it trains at
+
+
 class TrainingData:
     """One stream of examples: the instance images, or (with its own seed) the class images."""
 
-    def __init__(self, items: list[DataItem], recipe, base, seed: int | None = None, repeats: int | None = None):
+    def __init__(self, items: list[DataItem], recipe, base, seed: int | None = None, repeats: int | None = None,
+                 sizes: list[tuple[int, int]] | None = None):
+        """`sizes`: class pictures, prepared at every size of the instance examples; each batch of
+        them comes at the size of the instance batch it joins (see `batch`)."""
         self.items, self.recipe, self.base = items, recipe, base
         self.seed = recipe.train.seed if seed is None else seed
         data = recipe.data
-        self.size = len(items) * (data.repeats if repeats is None else repeats)
-        self._epoch_order: tuple[int | None, torch.Tensor | None] = (None, None)
+        self.sizes = sizes
+        if sizes is None:
+            self.examples = [Example(i, self._size(item, resolution))
+                             for resolution in data.all_resolutions for i, item in enumerate(items)]
+        else:
+            self.examples = [Example(i, size) for size in sizes for i in range(len(items))]
+        # Class pictures are drawn as pictures, in one order whatever their size: examples 0..n-1 stand for them.
+        reps = [(repeats or items[e.item].repeats) if sizes is None or k < len(items) else 0
+                for k, e in enumerate(self.examples)]
+        # Repeats tiled (0..n-1, 0..n-1, ...): a shuffle of this list is what it always was.
+        self.expanded = torch.tensor([e for r in range(max(reps)) for e in range(len(reps)) if reps[e] > r])
+        self.size = len(self.expanded)
+        self.one_size = sizes is not None or len({e.size for e in self.examples}) == 1
+        self._epoch: tuple[int | None, object] = (None, None)
         family = base.family
         self.tokens = family.tokenize(base, [item.caption for item in items])
         self.empty_tokens = family.tokenize(base, "")
+        self.latent_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
         # Random crops differ every time, so only center crops (and their mirror) can be cached.
         self.cached = data.cache_latents and data.crop == "center"
         self.moments: dict[tuple[int, bool], torch.Tensor] = {}
-        if self.cached:
-            cache = LatentCache(cache_root() / "latents", module_fingerprint(base.vae))
-            for i, item in enumerate(items):
-                for flip in (False, True) if data.flip else (False,):
-                    self.moments[i, flip] = cache.moments(item, data.resolution, flip, base.vae)
+        self.masks: dict[tuple[int, bool], torch.Tensor] = {}
+        for e, example in enumerate(self.examples):
+            for flip in (False, True) if data.flip else (False,):
+                if self.cached:
+                    cache = LatentCache(cache_root() / "latents", module_fingerprint(base.vae))
+                    self.moments[e, flip] = cache.moments(items[example.item], example.size, flip, base.vae)
+                if self.cached and data.masked_loss:
+                    self.masks[e, flip] = self._mask(e, flip, self._center(e))
         self.cond = self.empty_cond = None
-        if not family.text_trains(base):  # no text encoder trains: every caption is encoded once, here
+        # No text encoder trains and captions never change: every caption is encoded once, here.
+        if not family.text_trains(base) and not data.varied_captions:
             self.cond = self._encode_captions()
             with torch.no_grad():
                 self.empty_cond = family.encode(base, self.empty_tokens).to("cpu", torch.float32)
+
+    def _size(self, item: DataItem, resolution: int) -> tuple[int, int]:
+        d = self.recipe.data
+        if not d.buckets:
+            return resolution, resolution
+        return nearest_bucket(item.width, item.height, resolution, d.bucket_step, d.bucket_max_aspect,
+                              d.bucket_max_upscale)
 
     @torch.no_grad()
     def _encode_captions(self) -> Conditioning:
@@ -55,58 +98,114 @@ class TrainingData:
                 rows[i] = cond
         return Conditioning.cat(rows)
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        if self._epoch_order[0] != epoch:  # one shuffle per epoch, not one per example
+    def _schedule(self, epoch: int):
+        """The epoch's order: a shuffle of the examples (one size), or its batches (buckets)."""
+        if self._epoch[0] != epoch:  # one shuffle per epoch, not one per example
             g = torch.Generator().manual_seed(self.seed + 7919 * epoch)
-            self._epoch_order = (epoch, torch.randperm(self.size, generator=g) % len(self.items))
-        return self._epoch_order[1]
+            order = self.expanded[torch.randperm(self.size, generator=g)]
+            self._epoch = (epoch, order if self.one_size else self._batches(order, g))
+        return self._epoch[1]
+
+    def _batches(self, order: torch.Tensor, g: torch.Generator) -> list[list[int]]:
+        """Shuffled examples grouped by size into batches (a short last one filled from its group's
+        start), the batches shuffled too."""
+        n = self.recipe.train.batch_size
+        groups: dict[tuple[int, int], list[int]] = {}
+        for e in order.tolist():
+            groups.setdefault(self.examples[e].size, []).append(e)
+        batches = [[group[(start + k) % len(group)] for k in range(n)]
+                   for group in groups.values() for start in range(0, len(group), n)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        n = self.recipe.train.batch_size
+        sizes: dict[tuple[int, int], int] = {}
+        for e in self.expanded.tolist():
+            sizes[self.examples[e].size] = sizes.get(self.examples[e].size, 0) + 1
+        return sum(math.ceil(count / n) for count in sizes.values())
 
     def indices(self, step: int, micro: int) -> list[int]:
-        """Item indices of one micro-batch: consecutive slices of per-epoch shuffles."""
+        """Example indices of one micro-batch: consecutive slices of per-epoch shuffles (one size),
+        or the next of the epoch's batches (several sizes)."""
         train = self.recipe.train
-        first = (step * train.gradient_accumulation + micro) * train.batch_size
-        return [int(self._order(k // self.size)[k % self.size]) for k in range(first, first + train.batch_size)]
+        k = step * train.gradient_accumulation + micro
+        if not self.one_size:
+            epoch, position = divmod(k, self.batches_per_epoch)
+            return self._schedule(epoch)[position]
+        first = k * train.batch_size
+        return [int(self._schedule(j // self.size)[j % self.size]) for j in range(first, first + train.batch_size)]
 
-    def _moments(self, i: int, flip: bool, g: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The latent distribution of example i, and where its crop starts (top, left)."""
-        item, resolution = self.items[i], self.recipe.data.resolution
+    def _center(self, e: int) -> tuple[int, int]:
+        item, size = self.items[self.examples[e].item], self.examples[e].size
+        return crop_offsets(item.width, item.height, size)
+
+    def _mask(self, e: int, flip: bool, crop: tuple[int, int]) -> torch.Tensor:
+        example = self.examples[e]
+        return load_mask(self.items[example.item].mask, example.size, crop, flip, self.latent_scale)
+
+    def _moments(self, e: int, flip: bool, g: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The latent distribution of example e, and where its crop starts (top, left)."""
+        example, d = self.examples[e], self.recipe.data
         if self.cached:
-            return self.moments[i, flip], center_crop(item.width, item.height, resolution)
-        pixels, crop = load_image(item.path, resolution, crop=self.recipe.data.crop, flip=flip, generator=g,
-                                  return_crop=True)
+            return self.moments[e, flip], self._center(e)
+        item = self.items[example.item]
+        crop = crop_offsets(item.width, item.height, example.size, d.crop, g)
+        pixels = load_image(item.path, example.size, crop=crop, flip=flip)
         vae = self.base.vae
         with torch.no_grad():
             dist = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
         return dist.parameters[0].float().cpu(), crop
 
-    def _crop_as_seen(self, i: int, flip: bool, crop: tuple[int, int]) -> tuple[int, int]:
+    def _crop_as_seen(self, e: int, flip: bool, crop: tuple[int, int]) -> tuple[int, int]:
         """A mirrored picture's crop starts where the crop ends in the unmirrored one."""
         if not flip:
             return crop
-        width, _ = resized_size(self.items[i].width, self.items[i].height, self.recipe.data.resolution)
-        return crop[0], width - self.recipe.data.resolution - crop[1]
+        example = self.examples[e]
+        item = self.items[example.item]
+        width, _ = resized_size(item.width, item.height, example.size)
+        return crop[0], width - example.size[0] - crop[1]
 
-    def make_batch(self, indices: list[int], g: torch.Generator) -> Batch:
-        flips = [self.recipe.data.flip and bool(torch.rand((), generator=g) < 0.5) for _ in indices]
-        drawn = [self._moments(i, f, g) for i, f in zip(indices, flips)]
+    def caption(self, item: int, g: torch.Generator) -> str:
+        d, caption = self.recipe.data, self.items[item].caption
+        if not d.varied_captions:
+            return caption
+        return vary_tags(caption, g, shuffle=d.shuffle_tags, keep_tokens=d.keep_tokens,
+                         keep_separator=d.keep_tokens_separator, dropout=d.tag_dropout, separator=d.tag_separator)
+
+    def make_batch(self, examples: list[int], g: torch.Generator) -> Batch:
+        d = self.recipe.data
+        items = [self.examples[e].item for e in examples]
+        flips = [d.flip and bool(torch.rand((), generator=g) < 0.5) for _ in examples]
+        drawn = [self._moments(e, f, g) for e, f in zip(examples, flips)]
         latents = sample_latents(torch.stack([m for m, _ in drawn]), g) * self.base.vae.config.scaling_factor
-        tokens = tuple(t[indices].clone() for t in self.tokens)
-        captions = [self.items[i].caption for i in indices]
-        cond = self.cond.rows(indices).clone() if self.cond is not None else None
-        dropout = self.recipe.data.caption_dropout
-        if dropout:  # drawn only when on, so that other runs' random streams stay as they were
-            for row in torch.nonzero(torch.rand(len(indices), generator=g) < dropout).flatten().tolist():
+        captions = [self.caption(i, g) for i in items]  # draws only when tags vary: other runs' streams stay
+        if d.varied_captions:
+            tokens = tuple(self.base.family.tokenize(self.base, captions))
+        else:
+            tokens = tuple(t[items].clone() for t in self.tokens)
+        cond = self.cond.rows(items).clone() if self.cond is not None else None
+        if d.caption_dropout:  # drawn only when on, so that other runs' random streams stay as they were
+            for row in torch.nonzero(torch.rand(len(examples), generator=g) < d.caption_dropout).flatten().tolist():
                 for t, empty in zip(tokens, self.empty_tokens):
                     t[row] = empty[0]
                 captions[row] = ""
                 if cond is not None:
                     cond.set_row(row, self.empty_cond)
-        original = torch.tensor([[self.items[i].height, self.items[i].width] for i in indices])
-        crops = torch.tensor([self._crop_as_seen(i, f, c) for i, f, (_, c) in zip(indices, flips, drawn)])
-        return Batch(latents, tokens, captions, g, cond, original_size=original, crop_top_left=crops)
+        mask = None
+        if d.masked_loss:
+            mask = torch.stack([self.masks[e, f] if self.cached else self._mask(e, f, crop)
+                                for e, f, (_, crop) in zip(examples, flips, drawn)])
+        original = torch.tensor([[self.items[i].height, self.items[i].width] for i in items])
+        crops = torch.tensor([self._crop_as_seen(e, f, c) for e, f, (_, c) in zip(examples, flips, drawn)])
+        return Batch(latents, tokens, captions, g, cond, original_size=original, crop_top_left=crops, mask=mask)
 
-    def batch(self, step: int, micro: int = 0) -> Batch:
-        return self.make_batch(self.indices(step, micro), step_generator(self.seed, step, micro))
+    def batch(self, step: int, micro: int = 0, size: tuple[int, int] | None = None) -> Batch:
+        """The micro-batch of a step; class pictures at `size`, the size of the batch they join."""
+        examples = self.indices(step, micro)
+        if size is not None:
+            examples = [self.sizes.index(size) * len(self.items) + e for e in examples]
+        return self.make_batch(examples, step_generator(self.seed, step, micro))
 
 
 class TrainingStream:
@@ -117,7 +216,9 @@ class TrainingStream:
         self.data, self.classes, self.class_weight = data, classes, class_weight
 
     def batch(self, step: int, micro: int = 0) -> Batch:
-        batch = self.data.batch(step, micro)
+        examples = self.data.indices(step, micro)
+        batch = self.data.make_batch(examples, step_generator(self.data.seed, step, micro))
         if self.classes is not None:
-            batch = batch.with_prior(self.classes.batch(step, micro), self.class_weight)
+            size = self.data.examples[examples[0]].size
+            batch = batch.with_prior(self.classes.batch(step, micro, size), self.class_weight)
         return batch

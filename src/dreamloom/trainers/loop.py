@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ..datasets import load_items
+from ..datasets.sources import DataSplit, recipe_data
 from ..errors import DreamloomError, RecipeError, TrainingStopped
 from ..models import Base
 from ..models.base import load_recipe_base
@@ -31,12 +31,12 @@ from .optim import WEIGHT_DTYPES, prepare_optimizer, resolve_mixed_precision
 from .parts import cast_for_precision, enable_gradient_checkpointing, offload_cached, unwrapped
 from .prior import class_items
 from .registry import get_method
+from .trackers import start_trackers
 
 
-def dataset_items(recipe):
-    d = recipe.data
-    return load_items(d.path, trigger=d.trigger, class_word=d.class_word,
-                      caption_template=d.caption_template, min_image_size=d.min_image_size)
+def dataset_items(recipe) -> DataSplit:
+    """The run's training, regularization and validation pictures, every one decoded and checked."""
+    return recipe_data(recipe)
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainState:
     optimizer: object  # StandardOptimizer | FusedOptimizer: begin_step, clip, step, close
     lr_scheduler: object
     stream: TrainingStream
+    validation: TrainingData | None  # the held-out pictures, measured at every checkpoint
     params: list
     ema: Ema | None
     start: int
@@ -60,7 +61,7 @@ class TrainState:
     lr: float = 0.0  # the rate the latest step used
 
 
-def train(run, base: Base | None = None, items=None) -> list:
+def train(run, base: Base | None = None, items: DataSplit | None = None) -> list:
     """Train the run's recipe to the end, from its latest checkpoint if it has one; returns the
     exported files. Every event lands in the run's events.jsonl."""
     stop = StopRequest()
@@ -113,27 +114,31 @@ def set_up(run, base, items) -> TrainState:
     if t.weights_dtype == "bf16" and precision != "bf16":
         raise RecipeError("train.weights_dtype = 'bf16' needs bf16 mixed precision, which this device lacks.")
     AcceleratorState._reset_state()  # a process (a test, the studio) may train runs of differing precision
-    accelerator = Accelerator(mixed_precision=precision)
+    trackers = dict(log_with=t.log_with, project_dir=str(run.path / "logs")) if t.log_with else {}
+    accelerator = Accelerator(mixed_precision=precision, **trackers)
     if t.fused_backward and accelerator.num_processes > 1:
         raise RecipeError("train.fused_backward steps weights before gradients are averaged across GPUs; "
                           "turn it off for multi-GPU runs.")
     torch.manual_seed(t.seed)
     base.to(accelerator.device)
 
-    classes = None
+    classes, class_list = None, list(items.regularization)
     if recipe.prior.enabled:  # generated from the untouched base, before any training memory exists
         with accelerator.autocast():
-            class_list, made = class_items(recipe, base, log=lambda m: print(m, flush=True))
-        run.log("class_images", count=len(class_list), generated=made, folder=str(class_list[0].path.parent))
+            prior_list, made = class_items(recipe, base, log=lambda m: print(m, flush=True))
+        class_list += prior_list
+        run.log("class_images", count=len(prior_list), generated=made, folder=str(prior_list[0].path.parent))
 
     groups = method.prepare(base)
     parts = method.trainable_parts(base)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(base, parts)
     cast_for_precision(base, WEIGHT_DTYPES[precision], keep_trained=t.weights_dtype == "bf16")
-    data = TrainingData(items, recipe, base)
-    if recipe.prior.enabled:
-        classes = TrainingData(class_list, recipe, base, seed=t.seed + 1, repeats=1)
+    data = TrainingData(items.train, recipe, base)
+    if class_list:  # each batch of class pictures comes at the size of the instance batch it joins
+        sizes = list(dict.fromkeys(e.size for e in data.examples))
+        classes = TrainingData(class_list, recipe, base, seed=t.seed + 1, repeats=1, sizes=sizes)
+    validation = TrainingData(items.validation, recipe, base, seed=t.seed + 2, repeats=1) if items.validation else None
     if accelerator.device.type == "cuda":  # latents and captions are cached: those parts wait in CPU memory
         offload_cached(base, data.cached, data.cond is not None)
 
@@ -151,14 +156,19 @@ def set_up(run, base, items) -> TrainState:
     method.before_step(base, start)
     loss_before = measure_loss(method, base, data) if start == 0 else first_loss(run)
     run.log("start", method=method.name, base=base.spec, steps=t.steps, resumed_from=start,
-            device=str(accelerator.device), mixed_precision=precision, images=len(items),
+            device=str(accelerator.device), mixed_precision=precision, images=len(items.train),
+            validation_images=len(items.validation), buckets=len({e.size for e in data.examples}),
             class_images=len(classes.items) if classes else 0,
             trainable_params=sum(p.numel() for p in params), loss_before=loss_before)
+    stream = TrainingStream(data, classes, recipe.prior.loss_weight)
+    state = TrainState(run, recipe, method, base, accelerator, modules, optimizer, lr_scheduler, stream, validation,
+                       params, ema, start, loss_before, StepFlops(accelerator.device, precision))
+    start_trackers(accelerator, recipe)
+    if start == 0:
+        log_validation(state, 0)
     for module in modules:
         module.train()
-    stream = TrainingStream(data, classes, recipe.prior.loss_weight)
-    return TrainState(run, recipe, method, base, accelerator, modules, optimizer, lr_scheduler, stream, params, ema,
-                      start, loss_before, StepFlops(accelerator.device, precision))
+    return state
 
 
 def train_step(state: TrainState, step: int) -> float:
@@ -201,21 +211,43 @@ def log_step(state: TrainState, done: int, loss: float, timer: tuple[float, int]
     state.run.log("step", step=done, loss=loss, lr=state.lr, it_s=round(it_s, 3),
                   images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
                   peak_mem_mb=round(peak_memory_mb(state.accelerator.device), 1), **state.flops.mfu(it_s))
+    state.accelerator.log({"loss": loss, "lr": state.lr, "it_s": it_s}, step=done)
     return now, done
 
 
 def between_steps(state: TrainState, done: int, stop: StopRequest) -> None:
-    """A checkpoint when due or asked for (then stop, if asked), validation samples when due."""
+    """A checkpoint when due or asked for (then stop, if asked); the validation loss with each
+    checkpoint; validation samples when due (and at checkpoints with sample.at_checkpoints)."""
     t, run = state.recipe.train, state.run
-    if stop.requested or (t.checkpoint_every and done % t.checkpoint_every == 0):
+    due = bool(t.checkpoint_every and done % t.checkpoint_every == 0)
+    if stop.requested or due:
         path = save_checkpoint(state.accelerator, run, done, t.keep_checkpoints)
         run.log("checkpoint", step=done, path=str(path))
     if stop.requested:
         raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
                               f"continue with `dreamloom train --resume {run.path}`")
-    if t.sample_every and done % t.sample_every == 0 and state.accelerator.is_main_process:
+    if due:
+        log_validation(state, done)
+    sample_due = (t.sample_every and done % t.sample_every == 0) or (due and state.recipe.sample.at_checkpoints)
+    if sample_due and state.accelerator.is_main_process:
         with state.ema.applied() if state.ema else nullcontext():
             save_samples(run, state.recipe, state.base, done, state.accelerator)
+
+
+def log_validation(state: TrainState, step: int) -> None:
+    """The loss on the held-out pictures, at the same noise and timesteps every time (so that the
+    checkpoints' figures compare), with the trained parts in eval mode (no dropout)."""
+    if state.validation is None or not state.accelerator.is_main_process:
+        return
+    training = [m.training for m in state.modules]
+    for module in state.modules:
+        module.eval()
+    with state.ema.applied() if state.ema else nullcontext():
+        loss = measure_loss(state.method, state.base, state.validation, n=max(16, len(state.validation.examples)))
+    for module, was in zip(state.modules, training):
+        module.train(was)
+    state.run.log("validation", step=step, loss=loss)
+    state.accelerator.log({"validation_loss": loss}, step=step)
 
 
 def finish(state: TrainState) -> list:
@@ -226,6 +258,7 @@ def finish(state: TrainState) -> list:
     run.log("checkpoint", step=t.steps, path=str(path))
     exports = []
     if accelerator.is_main_process:
+        log_validation(state, t.steps)
         for module in state.modules:
             module.eval()
         with state.ema.applied() if state.ema else nullcontext():  # samples and exports show the EMA weights

@@ -44,7 +44,12 @@ def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: t
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = F.mse_loss(pred, target.float(), reduction="none")
+    if batch.mask is None:
+        loss = loss.mean(dim=(1, 2, 3))
+    else:  # the mask-weighted mean: what the mask hides adds nothing, a small subject weighs as a large one
+        mask = batch.mask.to(device)
+        loss = (loss * mask).mean(dim=(1, 2, 3)) / mask.mean(dim=(1, 2, 3)).clamp_min(1e-6)
     if train.min_snr_gamma:  # Hang et al. 2023: down-weight the easy, low-noise timesteps
         snr = compute_snr(scheduler, timesteps)
         weight = torch.clamp(snr, max=train.min_snr_gamma)

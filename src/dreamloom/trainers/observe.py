@@ -12,6 +12,7 @@ import torch
 
 from ..sampling import generate, make_grid
 from .parts import parts_on, unwrapped
+from .trackers import log_image
 
 
 @torch.no_grad()
@@ -20,7 +21,7 @@ def measure_loss(method, base, data, n: int = 16) -> float:
     losses = []
     for k in range(n):
         g = torch.Generator().manual_seed(1_000_000 + k)
-        losses.append(method.loss(base, data.make_batch([k % len(data.items)], g)).item())
+        losses.append(method.loss(base, data.make_batch([k % len(data.examples)], g)).item())
     return sum(losses) / n
 
 
@@ -43,8 +44,10 @@ def save_samples(run, recipe, base, step: int, accelerator) -> None:
                           guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt)
     run.samples.mkdir(exist_ok=True)
     path = run.samples / f"step-{step:08d}.png"
-    make_grid(images, cols=s.images_per_prompt).save(path)
-    run.log("sample", step=step, path=str(path), prompts=prompts)
+    grid = make_grid(images, cols=s.images_per_prompt)
+    grid.save(path)
+    run.log("sample", step=step, path=str(path), prompts=prompts, images_per_prompt=s.images_per_prompt)
+    log_image(accelerator, recipe, "samples", grid, step)
 
 
 class StopRequest:

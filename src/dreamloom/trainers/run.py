@@ -23,6 +23,7 @@ from .loop import dataset_items, train
 from .optim import check_precision
 from .prior import user_class_items
 from .registry import get_method
+from .trackers import check_trackers
 
 # A run needs room for its checkpoints (trained weights + optimizer state, twice while the
 # newest is written) and exports; below this much free space nothing starts.
@@ -48,23 +49,24 @@ def preflight(recipe) -> int | None:
 
 
 def check_run_inputs(recipe, out_root: str | Path | None = None) -> list:
-    """Everything that can be checked without loading the model; returns the training items."""
-    if not recipe.data.path:
-        raise RecipeError("no training images: pass --data FOLDER (or set data.path in the recipe).")
+    """Everything that can be checked without loading the model; returns the run's pictures (a DataSplit)."""
+    if not recipe.data.path and not recipe.data.folders:
+        raise RecipeError("no training images: pass --data FOLDER (or set data.path or [[data.folders]] in the recipe).")
     get_method(recipe.method)(recipe)  # a method checks its own settings on creation
     spec = parse_base_spec(recipe.base.model)
     arch = spec_arch(spec) if spec.local else None
     for note in recipe.notes(arch):  # settings that do nothing here, or fit the base badly: said, not ignored
         warnings.warn(note, UserWarning, stacklevel=2)
     check_precision(recipe.train)
+    check_trackers(recipe.train)
     checkpoint_bytes = preflight(recipe)
     if out_root is not None:  # weights, optimizer state (x2 for Adam), two checkpoints at a time, exports
         need = MIN_FREE_BYTES + 8 * (checkpoint_bytes or 0)
         check_writable_folder(out_root, "--out (the folder that receives the run)", need)
-    items = dataset_items(recipe)  # every image decoded and checked; all problems reported at once
+    split = dataset_items(recipe)  # every image decoded and checked; all problems reported at once
     if recipe.prior.enabled and recipe.prior.class_data:
         user_class_items(recipe)  # the user's class images are checked just the same
-    return items
+    return split
 
 
 def train_run(path: str | Path, base=None, items=None) -> tuple[RunDir, list[Path]]:
@@ -77,7 +79,7 @@ def train_run(path: str | Path, base=None, items=None) -> tuple[RunDir, list[Pat
     if items is None:
         items = check_run_inputs(run.recipe())
         if not run.dataset_manifest():
-            run.write_manifest(items)
+            run.write_manifest(items.train)
     return run, train(run, base=base, items=items)
 
 
@@ -88,7 +90,7 @@ def start_run(recipe, out_root: str | Path, log=None) -> tuple[RunDir, list[Path
     items = check_run_inputs(recipe, out_root)
     base = load_recipe_base(recipe.base)
     run = RunDir.create(out_root, recipe)
-    run.write_manifest(items)
+    run.write_manifest(items.train)
     if log is not None:
         log(f"run directory: {run.path}")
     try:
@@ -105,7 +107,8 @@ def resume_run(path: str | Path) -> tuple[RunDir, list[Path]]:
 
 def export_run(path: str | Path, formats: list[str] | None = None, overwrite: bool = False,
                step: int | None = None) -> list[Path]:
-    """Export from one of the run's checkpoints (default: the latest), finished or still under way."""
+    """Export from one of the run's checkpoints (default: the latest, into exports/), finished or still
+    under way; a checkpoint asked for by `step` exports into exports/step-N."""
     run = RunDir.open(path)
     steps = run.checkpoint_steps()
     if not steps:
@@ -131,6 +134,7 @@ def export_run(path: str | Path, formats: list[str] | None = None, overwrite: bo
     method = get_method(recipe.method)(recipe)
     method.prepare(base)
     method.load_state_dict(base, state)
-    paths = method.export(base, run, formats or recipe.export.formats, overwrite=overwrite)
+    target = run.checkpoint_exports(step) if step is not None else run
+    paths = method.export(base, target, formats or recipe.export.formats, overwrite=overwrite)
     run.log("export", paths=[str(p) for p in paths], checkpoint=str(checkpoint))
     return paths
