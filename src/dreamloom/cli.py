@@ -40,6 +40,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_caption(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .captioning import caption_dataset, load_captioner, pictures
+
+    pictures(Path(args.data).expanduser())  # a wrong folder is said before a model loads
+    captioner = load_captioner(args.model, args.mode, threshold=args.threshold)
+    written, kept = caption_dataset(args.data, captioner, prefix=args.prefix, suffix=args.suffix,
+                                    overwrite=args.overwrite, progress=lambda xs: tqdm(xs, desc="captioning"))
+    print(f"{captioner.name}: wrote {written} caption(s) in {args.data}"
+          + (f"; kept {kept} existing (--overwrite replaces them)" if kept else ""))
+    return 0
+
+
 def cmd_sample(args) -> int:
     from PIL import Image
 
@@ -260,6 +274,16 @@ def cmd_eval(args) -> int:
         return 0
     if args.dino:
         raise DreamloomError("--dino goes with --clip (the DINO score is computed beside CLIP-T / CLIP-I).")
+    if args.all_checkpoints:
+        from .toy.evaluate import evaluate_checkpoints
+
+        for run in args.runs:
+            report = evaluate_checkpoints(run, settings)
+            print(f"{run} ({report['method']}): every checkpoint")
+            print(table({"untouched base": report["base_metrics"],
+                         **{f"step {s}": m for s, m in report["checkpoints"].items()}}))
+            print(f"wrote {Path(run) / 'eval'} (checkpoints.md, checkpoints.json)")
+        return 0
     for run in args.runs:
         report = evaluate_run(run, settings)
         print(f"{run} ({report['method']}; subject: {report['subject']['colour']} {report['subject']['shape']})")
@@ -313,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key, e.g. lora.rank=16")
     p.add_argument("--resume", metavar="RUN", help="continue a crashed or killed run from its latest checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("caption", help="write a .txt caption beside every picture with a local captioner or tagger")
+    p.add_argument("data", help="folder of pictures (kohya-style <repeats>_<caption> sub-folders too)")
+    p.add_argument("--model", required=True, help="captioner folder or cached hub id: BLIP, Florence-2, Qwen2-VL, "
+                   "LLaVA; with --mode tags a WD14-style tagger")
+    p.add_argument("--mode", choices=["caption", "tags"], default="caption", help="a sentence, or comma-separated tags")
+    p.add_argument("--prefix", default="", help="put before every caption, e.g. the trigger: 'sks,'")
+    p.add_argument("--suffix", default="")
+    p.add_argument("--threshold", type=finite_float, default=0.35, help="tags: the score a tag needs (default 0.35)")
+    p.add_argument("--overwrite", action="store_true", help="replace captions that exist (default: keep them)")
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("sample", help="draw images with a base model and LoRA / hypernetwork files")
     p.add_argument("--base", default="tiny")
@@ -402,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--clip", help="runs on real bases: a CLIP model (local folder or cached hub id) for CLIP-T / CLIP-I")
     p.add_argument("--dino", help="with --clip: a DINO ViT (local folder or cached hub id) for the DINO score")
+    p.add_argument("--all-checkpoints", dest="all_checkpoints", action="store_true",
+                   help="score every checkpoint the runs hold, beside their validation loss")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("doctor", help="the libraries, devices and disk this installation has, and known breaks")

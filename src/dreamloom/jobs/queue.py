@@ -4,6 +4,7 @@ only submits and reads), the CLI and any number of workers (which claim jobs ato
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import sys
@@ -33,9 +34,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     created REAL NOT NULL,
     started REAL,
-    finished REAL
+    finished REAL,
+    command TEXT                     -- a job that is not a training run: its `dreamloom` arguments, as JSON
 )
 """
+ADDED_COLUMNS = {"command": "TEXT"}  # columns newer than some queues on disk
 
 
 NOTICES = "CREATE TABLE IF NOT EXISTS notices (created REAL NOT NULL, message TEXT NOT NULL)"
@@ -57,6 +60,12 @@ class Job:
     created: float
     started: float | None
     finished: float | None
+    command: str | None = None
+
+    @property
+    def arguments(self) -> list[str] | None:
+        """A command job's `dreamloom` arguments (e.g. caption DATA --model M); None for a training job."""
+        return json.loads(self.command) if self.command else None
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -88,6 +97,10 @@ class JobQueue:
                 db.execute("PRAGMA journal_mode=WAL")  # readers never block the workers
                 db.execute(SCHEMA)
                 db.execute(NOTICES)
+                have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+                for column, kind in ADDED_COLUMNS.items():
+                    if column not in have:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
             if reason is not None:
                 self._repair(reason, aside)
 
@@ -126,6 +139,12 @@ class JobQueue:
             raise DreamloomError("the job's recipe has no data.path: pick a dataset first.")
         cur = self._write("INSERT INTO jobs (name, recipe, out_root, created) VALUES (?, ?, ?, ?)",
                           (recipe.name, dump_recipe(recipe), str(Path(out_root).resolve()), time.time()))
+        return cur.lastrowid
+
+    def submit_command(self, name: str, arguments: list[str]) -> int:
+        """A job that runs `dreamloom ARGUMENTS` (captioning a dataset, say) on a worker, not in the studio."""
+        cur = self._write("INSERT INTO jobs (name, recipe, out_root, created, command) VALUES (?, '', '', ?, ?)",
+                          (name, time.time(), json.dumps(arguments)))
         return cur.lastrowid
 
     def jobs(self) -> list[Job]:

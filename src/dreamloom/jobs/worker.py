@@ -48,21 +48,26 @@ def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5) ->
     """Run one claimed job to its end; returns its final state."""
     log = job_log(queue, job.id)
     log.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        run = job_run(queue, job)
-    except (DreamloomError, OSError) as exc:  # a recipe this version cannot read, an unwritable folder
-        queue.finish(job.id, "failed", str(exc))
-        return "failed"
-    if run.is_finished():  # its trainer ended but the worker died before it could say so
-        queue.finish(job.id, "finished")
-        return "finished"
+    if job.arguments is not None:  # not a training run: `dreamloom ARGUMENTS`, watched the same way
+        command = [sys.executable, "-m", "dreamloom", *job.arguments]
+        where = ""
+    else:
+        try:
+            run = job_run(queue, job)
+        except (DreamloomError, OSError) as exc:  # a recipe this version cannot read, an unwritable folder
+            queue.finish(job.id, "failed", str(exc))
+            return "failed"
+        if run.is_finished():  # its trainer ended but the worker died before it could say so
+            queue.finish(job.id, "finished")
+            return "finished"
+        command, where = train_command(run), f" in {run.path}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     with open(log, "a") as out:
-        out.write(f"--- worker {os.getpid()} starts job {job.id} in {run.path} ---\n")
+        out.write(f"--- worker {os.getpid()} starts job {job.id}{where} ---\n")
         out.flush()
-        proc = subprocess.Popen(train_command(run), stdout=out, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=_die_with_parent)
     queue.update(job.id, trainer_pid=proc.pid)
     asked_to_stop = False
@@ -74,7 +79,7 @@ def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5) ->
             asked_to_stop = True
     if proc.returncode == 0:
         state, error = "finished", None
-    elif asked_to_stop and proc.returncode == TrainingStopped.exit_code:
+    elif asked_to_stop and (proc.returncode == TrainingStopped.exit_code or job.arguments is not None):
         state, error = "cancelled", None
     else:
         tail = log.read_text().strip().splitlines()[-3:]

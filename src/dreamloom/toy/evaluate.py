@@ -177,14 +177,16 @@ ROWS = [  # (key, label, better)
     ("class_accuracy", "class prompt: colour and background right (%)", "higher"),
     ("frechet_distance", "Frechet distance to real subject pictures (judge features)", "lower"),
     ("agreement", "judge's agreement with the subject prompts (%)", "higher"),
+    ("validation_loss", "validation loss: held-out pictures, fixed noise (x1000)", "lower"),
 ]
+SCALE = {"validation_loss": 1000}  # a loss of 0.0123 reads 12.3
 
 
 def table(columns: dict[str, dict]) -> str:
     names = list(columns)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, label, better in ROWS:
-        cells = [f"{columns[n][key]:.1f}" if key in columns[n] else "-" for n in names]
+        cells = [f"{columns[n][key] * SCALE.get(key, 1):.1f}" if key in columns[n] else "-" for n in names]
         lines.append(f"| {label.strip()} ({better} is better) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -233,6 +235,42 @@ def evaluate_run(run_path, settings: Settings | None = None, base_metrics: dict 
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     md = table({"untouched base": base_metrics, recipe.name: metrics})
     (out / "quality.md").write_text(md + "\n")
+    return report
+
+
+def evaluate_checkpoints(run_path, settings: Settings | None = None) -> dict:
+    """Every checkpoint the run holds, exported (into exports/step-N) and scored as evaluate_run
+    scores the final export, beside the validation loss the run logged at that step: does the lowest
+    validation loss pick the checkpoint that draws the subject best? Writes <run>/eval/checkpoints.*"""
+    from ..models import load_base
+    from ..rundir import RunDir
+    from ..trainers.run import export_run
+
+    settings = settings or Settings()
+    run = RunDir.open(run_path)
+    recipe = run.recipe()
+    if not _on_toy_arch(recipe.base.model):
+        raise DreamloomError(f"run '{run.path}' trained on '{recipe.base.model}'; the toy judge only scores runs on "
+                             "the toy base.")
+    steps = run.checkpoint_steps()
+    if not steps:
+        raise DreamloomError(f"run '{run.path}' has no checkpoint to score.")
+    subject = Subject.from_images(training_images(run), subject_word(recipe))
+    validation = {e["step"]: e["loss"] for e in run.events() if e["event"] == "validation"}
+    base_metrics, _ = evaluate_pipeline(load_base(recipe.base.model).pipeline(), subject, settings)
+    columns = {}
+    for step in steps:
+        export_run(run.path, step=step, overwrite=True)
+        _, pipe = load_run_model(run.checkpoint_exports(step))
+        metrics, _ = evaluate_pipeline(pipe, subject, settings)
+        columns[step] = {**metrics, **({"validation_loss": validation[step]} if step in validation else {})}
+    report = {"run": str(run.path), "method": recipe.method, "subject": subject.__dict__,
+              "settings": settings.__dict__, "checkpoints": columns, "base_metrics": base_metrics}
+    out = run.path / "eval"
+    out.mkdir(exist_ok=True)
+    (out / "checkpoints.json").write_text(json.dumps(report, indent=2))
+    md = table({"untouched base": base_metrics, **{f"step {s}": m for s, m in columns.items()}})
+    (out / "checkpoints.md").write_text(md + "\n")
     return report
 
 
