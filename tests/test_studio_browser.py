@@ -1,7 +1,8 @@
 """The studio end to end in a real browser: Debian's Chromium, driven by Playwright, against
 `dreamloom studio` on localhost. A new user's first session: make a dataset, upload four pictures,
-set the trigger, train the default recipe (toy-lora, on the pretrained toy base), watch it finish
-with a sample picture, download the kohya file; the download then loads in dreamloom's sampler.
+set the trigger, train the default recipe (toy-lora, on the pretrained toy base) with a checkpoint
+and preview every 10 steps, watch it finish with a sample picture and the checkpoint grid, export
+the checkpoint of step 10, download the kohya file; the download then loads in dreamloom's sampler.
 
 Skipped only where no browser can be had (no Chromium, or no Playwright package)."""
 
@@ -103,9 +104,11 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
             page.get_by_text("Saved.").wait_for()
 
             page.get_by_role("link", name=re.compile("Train")).click()
-            steps = page.get_by_role("spinbutton", name="Training steps")
-            steps.fill("20")
-            steps.press("Enter")
+            for name, value in (("Training steps", "20"), ("Checkpoint every N steps", "10"),
+                                ("Preview pictures every N steps", "10")):
+                field = page.get_by_role("spinbutton", name=name)
+                field.fill(value)
+                field.press("Enter")
             page.get_by_role("button", name=re.compile(r"Train$")).click()
             page.get_by_text("Job 1 is queued").wait_for()
 
@@ -114,6 +117,17 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
             sample = page.locator("[data-testid=stImage] img").first
             sample.wait_for()
             assert sample.evaluate("img => img.complete && img.naturalWidth") > 0
+            page.get_by_text("Checkpoints side by side").wait_for()  # the grid of steps 10 and 20
+
+            page.reload()  # the page stops refreshing itself once no job is live: a menu stays open
+            page.get_by_text("Checkpoints side by side").wait_for()
+            checkpoint = page.get_by_role("combobox", name="Checkpoint")
+            checkpoint.click()
+            page.keyboard.type("step 10")  # the picker filters as one types
+            page.keyboard.press("Enter")
+            sync_api.expect(checkpoint).to_have_value("step 10")
+            page.get_by_role("button", name="Export this checkpoint").click()
+            page.get_by_text("Exported step 10").wait_for(timeout=120 * SECOND)
 
             page.get_by_role("link", name=re.compile("Library")).first.click()
             with page.expect_download() as download:
@@ -126,6 +140,8 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
     assert 'name = "toy-lora"' in JobQueue(home).get(1).recipe  # the default recipe, on the toy base
     export = next((home / "runs").glob(f"*/exports/{TRIGGER}-lora.safetensors"))
     assert downloaded.read_bytes() == export.read_bytes() and read_lora(downloaded)[0] == "kohya"
+    at_10 = next((home / "runs").glob(f"*/exports/step-10/{TRIGGER}-lora.safetensors"))
+    assert read_lora(at_10)[0] == "kohya" and at_10.read_bytes() != export.read_bytes()
     base = load_base("toy")
     pipe = base.pipeline()
     attach_loras(pipe, base, [(downloaded, 1.0)])

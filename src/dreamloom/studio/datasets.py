@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..atomic import atomic_write
-from ..datasets import SUPPORTED_SUFFIXES
+from ..datasets.scan import is_picture
 from ..datasets.images import open_oriented, to_rgb
 from ..errors import DatasetError
 from ..recipes.sections import DataSection
@@ -95,8 +95,7 @@ def write_settings(folder: Path, settings: DatasetSettings) -> None:
 
 
 def image_paths(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
-                  and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if is_picture(p))
 
 
 @lru_cache(maxsize=4096)
@@ -193,6 +192,41 @@ def find_replace(folder: Path, find: str, replace: str) -> int:
             write_caption(image, caption.replace(find, replace))
             changed += 1
     return changed
+
+
+def tag_counts(folder: Path, separator: str = ",") -> list[tuple[str, int]]:
+    """Every tag of the captions (comma-separated) with how many captions have it, most used first."""
+    counts: dict[str, int] = {}
+    for image in image_paths(folder):
+        for tag in dict.fromkeys(t.strip() for t in read_caption(image).split(separator) if t.strip()):
+            counts[tag] = counts.get(tag, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def remove_tag(folder: Path, tag: str, separator: str = ",") -> int:
+    """Take a tag out of every caption that has it; returns how many changed."""
+    changed = 0
+    for image in image_paths(folder):
+        tags = [t.strip() for t in read_caption(image).split(separator) if t.strip()]
+        if tag in tags:
+            write_caption(image, f"{separator} ".join(t for t in tags if t != tag))
+            changed += 1
+    return changed
+
+
+def caption_job(queue, folder: Path, model: str, mode: str, prefix: str, overwrite: bool) -> int:
+    """Queue `dreamloom caption` for a dataset (a worker runs it: a captioner never loads into the
+    studio's process); the model folder is checked first."""
+    from ..captioning import model_folder
+
+    if not model.strip():
+        raise DatasetError("Give the captioner: a model folder (BLIP, Florence-2, Qwen2-VL, a WD14-style tagger).")
+    if not (model_folder(model.strip()) / "config.json").is_file():
+        raise DatasetError(f"'{model}' has no config.json: it is not a model folder.")
+    arguments = ["caption", str(folder), "--model", model.strip(), "--mode", mode]
+    arguments += ["--prefix", prefix] if prefix else []
+    arguments += ["--overwrite"] if overwrite else []
+    return queue.submit_command(f"caption {folder.name}", arguments)
 
 
 def remove_image(image: Path) -> None:

@@ -31,15 +31,19 @@ class Export:
 
     @property
     def download_name(self) -> str:
-        return f"{self.run}-{self.path.name}.zip" if self.path.is_dir() else self.path.name
+        name = self.path.name
+        if self.path.parent.name.startswith("step-"):  # a checkpoint's export: the step in its name
+            name = f"{self.path.stem}-{self.path.parent.name}{self.path.suffix}"
+        return f"{self.run.split(' ')[0]}-{name}.zip" if self.path.is_dir() else name
 
 
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def run_exports(run: RunDir) -> list[Export]:
-    """The run's exports that exist, in its method's format order (the main export first)."""
+def run_exports(run: RunDir, label: str | None = None) -> list[Export]:
+    """The run's exports that exist, in its method's format order (the main export first), then those
+    exported from its checkpoints (exports/step-N)."""
     recipe = run.recipe()
     prompt = recipe.fill(recipe.sample.prompts[0]) if recipe.sample.prompts else recipe.fill("{trigger}")
     rows = []
@@ -50,9 +54,12 @@ def run_exports(run: RunDir) -> list[Export]:
             found.append((path.with_suffix(fmt.companion[0]), f"{fmt.name} config", fmt.companion[1], None))
         for entry, name, loads_in, attach in found:
             if entry.is_file() or (entry.is_dir() and any(p.is_file() for p in entry.rglob("*"))):
-                rows.append(Export(entry, run.path.name, recipe.method, name, loads_in, _size(entry), recipe.base.model,
-                                   recipe.data.trigger, recipe.data.class_word, prompt, recipe.sample.steps,
-                                   recipe.sample.guidance_scale, attach))
+                rows.append(Export(entry, label or run.path.name, recipe.method, name, loads_in, _size(entry),
+                                   recipe.base.model, recipe.data.trigger, recipe.data.class_word, prompt,
+                                   recipe.sample.steps, recipe.sample.guidance_scale, attach))
+    if label is None:
+        for step in run.exported_steps():
+            rows += run_exports(run.checkpoint_exports(step), f"{run.path.name} (step {step})")
     return rows
 
 

@@ -20,6 +20,9 @@ class RunProgress:
     latest_sample: Path | None
     error: str | None  # the trainer's own error event, if it wrote one
     exports: list[Path]
+    validation: list[tuple[int, float]] = ()  # the held-out pictures' loss at each checkpoint
+    samples: list[dict] = ()  # the sample events whose picture exists, oldest first
+    checkpoints: list[int] = ()  # steps of the checkpoints the run holds now
 
     @property
     def fraction(self) -> float:
@@ -29,7 +32,7 @@ class RunProgress:
 def run_progress(run_dir: str | Path | None) -> RunProgress:
     events = RunDir(Path(run_dir)).events() if run_dir else []
     total, error, sample, exports = None, None, None, []
-    steps = []
+    steps, validation, samples = [], {}, {}
     for event in events:
         kind = event.get("event")
         if kind == "start":  # a new attempt: what an earlier one failed with is history
@@ -38,6 +41,9 @@ def run_progress(run_dir: str | Path | None) -> RunProgress:
             steps.append(event)
         elif kind == "sample" and Path(event.get("path", "")).is_file():
             sample = Path(event["path"])
+            samples[event["step"]] = event  # a resumed run draws a step again: the latest counts
+        elif kind == "validation":
+            validation[event["step"]] = event["loss"]
         elif kind == "error":
             error = event.get("message")
         elif kind == "export":
@@ -46,7 +52,31 @@ def run_progress(run_dir: str | Path | None) -> RunProgress:
     rates = [e["it_s"] for e in steps[-RATE_WINDOW:] if e.get("it_s")]
     eta = (total - step) / (sum(rates) / len(rates)) if total and rates and step < total else None
     losses = [(e["step"], e["loss"]) for e in steps if e.get("loss") is not None]
-    return RunProgress(step, total, eta, losses, sample, error, exports)
+    checkpoints = RunDir(Path(run_dir)).checkpoint_steps() if run_dir and Path(run_dir).is_dir() else []
+    return RunProgress(step, total, eta, losses, sample, error, exports, sorted(validation.items()),
+                       [samples[k] for k in sorted(samples)], checkpoints)
+
+
+def checkpoint_grid(samples: list[dict]):
+    """The first picture of every prompt at every sampled step: rows = prompts, columns = steps
+    (same prompts and seeds at each, so the columns compare), each column headed by its step."""
+    from PIL import Image, ImageDraw
+
+    if not samples:
+        return None
+    grids = [Image.open(e["path"]).convert("RGB") for e in samples]
+    rows = max(len(e.get("prompts", [])) for e in samples) or 1
+    per_row = samples[0].get("images_per_prompt", 1)
+    cell_w, cell_h = grids[0].width // per_row, grids[0].height // rows
+    label = 14
+    sheet = Image.new("RGB", (cell_w * len(grids), label + cell_h * rows), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, (event, grid) in enumerate(zip(samples, grids)):
+        draw.text((column * cell_w + 2, 1), f"step {event['step']}", fill="black")
+        for row in range(min(rows, grid.height // cell_h)):
+            cell = grid.crop((0, row * cell_h, cell_w, (row + 1) * cell_h))
+            sheet.paste(cell, (column * cell_w, label + row * cell_h))
+    return sheet
 
 
 def format_eta(seconds: float | None) -> str:

@@ -58,8 +58,12 @@ SETTINGS = [
             "noise; too low and nothing changes. The recipe's value is a good start."),
     Setting("train.batch_size", "Images per step", "More images per step give smoother training but need more "
                                                    "GPU memory."),
-    Setting("data.resolution", "Resolution (px)", "Pictures are cropped square to this size. Match the base model: "
-            "64 for toy and tiny, 512 for SD 1.5, 768 for SD 2.1."),
+    Setting("data.resolution", "Resolution (px)", "Pictures are cropped square to this size (with buckets: to this "
+            "area). Match the base model: 64 for toy and tiny, 512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL."),
+    Setting("data.validation_split", "Held out for validation (share)", "This share of the pictures is not trained "
+            "on; its loss at every checkpoint shows which checkpoint generalises best. 0: none."),
+    Setting("data.keep_tokens", "Tags kept in front", "With shuffled tags: the first N tags (the trigger, say) stay "
+                                                      "where they are."),
     Setting("lora.rank", "Adapter size (rank)", "How much the LoRA can hold. 4-16 is plenty for one subject; "
                                                 "higher makes bigger files that learn more."),
     Setting("textual_inversion.vectors", "Vectors per word", "How many token vectors the trigger stands for: more "
@@ -74,6 +78,14 @@ SETTINGS = [
                                             "prodigy: finds its own learning rate (set the learning rate to 1)."),
     Setting("train.mixed_precision", "Precision", "auto: half precision on a GPU (faster, half the memory), full "
                                                   "precision on a CPU."),
+    Setting("data.buckets", "Keep each picture's shape (buckets)", "Wide and tall pictures train whole, in buckets "
+            "of equal area, instead of being cropped to a square."),
+    Setting("data.shuffle_tags", "Shuffle tags", "For tag captions ('sks, red hair, smiling'): the tags are "
+                                                 "shuffled at every step, so no tag's position is learned."),
+    Setting("data.masked_loss", "Learn only the masked part", "Each picture's mask (its transparency, or "
+            "<name>.mask.png beside it) says what to learn; the rest (a background, say) is ignored."),
+    Setting("sample.at_checkpoints", "Preview at every checkpoint", "The same prompts and seeds at every "
+            "checkpoint: the Jobs page shows them side by side to pick the best checkpoint."),
     Setting("data.flip", "Mirror pictures at random", "Doubles the variety; leave off when the subject is not "
                                                       "symmetric (text, logos, a parting in the hair)."),
     Setting("lora.train_text_encoder", "Also train the text encoder", "Learns the trigger word better; uses more "

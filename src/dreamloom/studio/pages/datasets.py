@@ -1,9 +1,11 @@
-"""Datasets: make one, upload pictures (files or a zip), see them with their problems, caption them."""
+"""Datasets: make one, upload pictures (files or a zip), see them with their problems, caption them (by hand,
+in bulk, or with a captioner model through the job queue), and see their tags with counts."""
 
+import pandas as pd
 import streamlit as st
 
 from dreamloom.datasets import SUPPORTED_SUFFIXES
-from dreamloom.errors import DatasetError
+from dreamloom.errors import DatasetError, DreamloomError
 from dreamloom.studio import datasets as ds
 from dreamloom.studio import literal, studio_home
 from dreamloom.paths import human_bytes
@@ -117,6 +119,40 @@ with right.form("find-replace"):
             st.session_state["caption_round"] = caption_round + 1
             st.session_state["flash"] = f"Replaced in {changed} caption(s)."
             st.rerun()
+
+with st.expander("Caption every picture with a model"):
+    st.caption("A captioner from a local folder (BLIP, Florence-2, Qwen2-VL, LLaVA) writes a sentence; a WD14-style "
+               "tagger writes tags. A worker runs it, like a training job; captions you wrote are kept unless you "
+               "tick 'Replace existing captions'.")
+    with st.form("auto-caption"):
+        model = st.text_input("Captioner folder", placeholder="/models/blip-image-captioning-large")
+        mode_column, prefix_column = st.columns(2)
+        mode = mode_column.selectbox("Write", ["caption", "tags"], format_func={"caption": "a sentence",
+                                                                               "tags": "tags"}.get)
+        prefix = prefix_column.text_input("Put in front", value=f"{settings.trigger},")
+        overwrite = st.checkbox("Replace existing captions")
+        if st.form_submit_button("Caption with the model"):
+            from dreamloom.jobs.queue import JobQueue
+
+            try:
+                job_id = ds.caption_job(JobQueue(home), folder, model, mode, prefix, overwrite)
+            except DreamloomError as exc:
+                st.error(literal(str(exc)))
+            else:
+                st.session_state["flash"] = f"Job {job_id} captions the dataset: follow it on the Jobs page."
+                st.rerun()
+
+tags = ds.tag_counts(folder)
+if any("," in e.caption for e in entries):  # tag captions
+    with st.expander(f"Tags ({len(tags)})"):
+        st.dataframe(pd.DataFrame(tags, columns=["tag", "captions"]), hide_index=True, width="stretch", height=240)
+        with st.form("remove-tag"):
+            tag = st.selectbox("Tag", [t for t, _ in tags])
+            if st.form_submit_button("Remove it from every caption"):
+                changed = ds.remove_tag(folder, tag)
+                st.session_state["caption_round"] = caption_round + 1
+                st.session_state["flash"] = f"Removed '{literal(tag)}' from {changed} caption(s)."
+                st.rerun()
 
 troubled = [e for e in entries if e.problems]
 st.subheader(f"{len(entries)} picture(s)")

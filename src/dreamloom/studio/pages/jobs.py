@@ -1,6 +1,8 @@
 """Jobs: the queue with each job's state; for one job a live progress bar with ETA, the loss curve,
 the latest validation samples and the log tail; cancel, resume, re-run with edits."""
 
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import streamlit as st
 from dreamloom.jobs.queue import JobQueue
 from dreamloom.jobs.worker import job_log
 from dreamloom.studio import literal, studio_home
-from dreamloom.studio.progress import format_eta, log_tail, run_progress
+from dreamloom.studio.progress import checkpoint_grid, format_eta, log_tail, run_progress
 
 REFRESH_S = 2.0
 LIVE_STATES = ("queued", "running")
@@ -38,15 +40,44 @@ def job_actions(job) -> None:
                                                             help="Continues from the latest checkpoint."):
         queue.requeue(job.id)
         st.toast(f"Job {job.id} is queued again; it continues from its latest checkpoint.")
-    if middle.button("Re-run with edits", icon=":material/edit:", key=f"edit-{job.id}",
-                     help="Opens the Train page with this job's recipe."):
+    if job.arguments is None and middle.button("Re-run with edits", icon=":material/edit:", key=f"edit-{job.id}",
+                                               help="Opens the Train page with this job's recipe."):
         st.session_state["edit_job"] = (job.id, job.recipe)
         st.switch_page("pages/train.py")
-    if job.state == "finished":
+    if job.state == "finished" and job.arguments is None:
         right.page_link("pages/library.py", label="Its exports in the Library", icon=":material/download:")
 
 
+def export_checkpoint(job, steps: list[int]) -> None:
+    """Export one checkpoint into the run's exports/step-N, in a separate process (a large base never
+    loads into the studio's)."""
+    left, right = st.columns([1, 2], vertical_alignment="bottom")
+    step = left.selectbox("Checkpoint", steps, index=len(steps) - 1, key=f"checkpoint-{job.id}",
+                          format_func=lambda s: f"step {s}")
+    if right.button("Export this checkpoint", icon=":material/file_export:", key=f"export-{job.id}",
+                    help="Writes its files into the run's exports/step-N; they appear in the Library."):
+        with st.spinner(f"Exporting the checkpoint of step {step}..."):
+            done = subprocess.run([sys.executable, "-m", "dreamloom", "export", str(job.run_dir), "--step", str(step),
+                                   "--overwrite"], capture_output=True, text=True)
+        if done.returncode == 0:
+            st.success(f"Exported step {step}: it is in the Library.")
+        else:
+            st.error(literal((done.stderr.strip().splitlines() or ["export failed"])[-1]))
+
+
+def command_detail(job) -> None:
+    """A job that is not a training run (captioning a dataset): its state and its log."""
+    st.subheader(f"{STATE_ICONS[job.state]} Job {job.id} · {literal(job.name)} · {job.state}")
+    st.caption(literal("dreamloom " + " ".join(job.arguments)))
+    if job.state == "failed":
+        st.error(literal(f"It failed: {job.error or 'no message'}"))
+    job_actions(job)
+    st.code(log_tail(job_log(queue, job.id), lines=8) or "(no output yet)", language=None)
+
+
 def job_detail(job) -> None:
+    if job.arguments is not None:
+        return command_detail(job)
     progress = run_progress(job.run_dir)
     st.subheader(f"{STATE_ICONS[job.state]} Job {job.id} · {literal(job.name)} · {job.state}")
     if job.state == "running" and progress.total and progress.step < progress.total:
@@ -68,11 +99,21 @@ def job_detail(job) -> None:
     job_actions(job)
     chart, sample = st.columns(2)
     if progress.losses:
-        chart.caption("Training loss (it is noisy: watch the trend)")
-        chart.line_chart(pd.DataFrame(progress.losses, columns=["step", "loss"]), x="step", y="loss", height=260)
+        chart.caption("Training loss (it is noisy: watch the trend)" + (" and validation loss (held-out pictures, "
+                      "same noise at every checkpoint: its lowest point is the best checkpoint)"
+                      if progress.validation else ""))
+        curves = pd.DataFrame(progress.losses, columns=["step", "training"]).merge(
+            pd.DataFrame(progress.validation, columns=["step", "validation"]), on="step", how="outer")
+        chart.line_chart(curves, x="step", y=["training", "validation"] if progress.validation else "training",
+                         height=260)
     if progress.latest_sample is not None:
         sample.caption(f"Latest validation samples: {progress.latest_sample.name}")
         sample.image(str(progress.latest_sample), width="stretch")
+    if len(progress.samples) > 1:
+        st.caption("Checkpoints side by side: rows are the prompts, columns the steps (same seeds everywhere)")
+        st.image(checkpoint_grid(progress.samples), width="stretch")
+    if progress.checkpoints and job.run_dir:
+        export_checkpoint(job, progress.checkpoints)
     if progress.exports:
         st.caption("Exports: " + ", ".join(f"`{Path(p).name}`" for p in progress.exports))
     with st.expander("Log", expanded=job.state == "failed"):
