@@ -34,6 +34,39 @@ def blip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def florence(tmp_path_factory):
+    """Florence-2 (transformers' own classes: DaViT vision tower, BART text model), scaled down."""
+    import json
+
+    from transformers import BartTokenizer, Florence2Config, Florence2ForConditionalGeneration, Florence2Processor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("florence")
+    vocab = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", *WORDS[5:], *"abcdefghijklmnopqrstuvwxyzĠ."])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = BartTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                              extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessorPil(size={"height": 64, "width": 64}, do_center_crop=False)
+    images.image_seq_length = 5  # 2 x 2 patches after DaViT's 32x reduction, plus the pooled one
+    torch.manual_seed(0)
+    config = Florence2Config(
+        vision_config=dict(depths=[1, 1, 1, 1], embed_dim=[8, 16, 16, 32], num_heads=[1, 1, 1, 2],
+                           num_groups=[1, 1, 1, 2], window_size=2, projection_dim=32, drop_path_rate=0.0,
+                           max_position_embeddings=8, max_temporal_embeddings=2),
+        text_config=dict(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                         max_position_embeddings=128, bos_token_id=0, pad_token_id=1, eos_token_id=2,
+                         decoder_start_token_id=2),
+        image_token_id=tokenizer.image_token_id)
+    net = Florence2ForConditionalGeneration(config)
+    net.generation_config.min_new_tokens = 3  # random weights would end at once: some words to write
+    net.save_pretrained(folder)
+    Florence2Processor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def tagger(tmp_path_factory):
     from transformers import ViTConfig, ViTForImageClassification
     from transformers.models.vit import ViTImageProcessorPil
@@ -57,13 +90,15 @@ def data(tmp_path, subject_dir):
     return folder
 
 
-def test_captions_are_written_beside_the_pictures_and_a_users_are_kept(blip, data, capsys):
-    assert main(["caption", str(data), "--model", str(blip), "--prefix", "sks,"]) == 0
+@pytest.mark.parametrize("captioner", ["blip", "florence"])
+def test_captions_are_written_beside_the_pictures_and_a_users_are_kept(captioner, request, data, capsys):
+    model = request.getfixturevalue(captioner)
+    assert main(["caption", str(data), "--model", str(model), "--prefix", "sks,"]) == 0
     assert "wrote 3 caption(s)" in capsys.readouterr().out
     assert (data / "subject-0.txt").read_text() == "my own caption"  # never replaced unasked
     written = [(data / f"subject-{i}.txt").read_text() for i in (1, 2, 3)]
     assert all(t.startswith("sks,") and t.endswith("\n") for t in written)
-    assert main(["caption", str(data), "--model", str(blip), "--overwrite"]) == 0
+    assert main(["caption", str(data), "--model", str(model), "--overwrite"]) == 0
     assert (data / "subject-0.txt").read_text() != "my own caption"
 
 
@@ -72,9 +107,12 @@ def test_a_tagger_writes_its_tags_above_the_threshold(tagger, data, capsys):
                  "--overwrite"]) == 0
     tags = (data / "subject-1.txt").read_text().strip().split(", ")
     assert sorted(tags) == sorted(t.replace("_", " ") for t in TAGS)  # all of them at threshold 0
+    before = (data / "subject-1.txt").read_text()
     assert main(["caption", str(data), "--model", str(tagger), "--mode", "tags", "--threshold", "0.99",
-                 "--overwrite"]) == 0
-    assert (data / "subject-1.txt").read_text().strip() == ""
+                 "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "lower --threshold" in err and "subject-1.png (the model wrote nothing)" in err
+    assert (data / "subject-1.txt").read_text() == before  # nothing came out: nothing replaced
 
 
 def test_a_folder_that_is_not_a_captioner_is_refused(tmp_path, data, blip, tagger, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dreamloom.cli import main
 from dreamloom.errors import DreamloomError
@@ -90,6 +91,23 @@ def test_eval_command_prints_the_table(trained, capsys):
     assert main(["eval", str(run.path), "--samples", "8", "--steps", "10"]) == 0
     out = capsys.readouterr().out
     assert "subject fidelity" in out and "untouched base" in out and (run.path / "eval" / "quality.md").is_file()
+
+
+def test_eval_scores_every_checkpoint_each_from_its_own_export(trained, capsys):
+    run = trained("toy-lora", "crescent")
+    assert main(["eval", str(run.path), "--all-checkpoints", "--samples", "8", "--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "| metric | untouched base | step 300 | step 400 |" in out
+    report = json.loads((run.path / "eval" / "checkpoints.json").read_text())
+    assert list(report["checkpoints"]) == ["300", "400"]
+    from safetensors.torch import load_file
+
+    final, at = load_file(run.path / "exports" / "sks-lora.safetensors"), {
+        s: load_file(run.path / "exports" / f"step-{s}" / "sks-lora.safetensors") for s in (300, 400)}
+    assert all(torch.equal(final[k], at[400][k]) for k in final)  # the last checkpoint is the final export
+    assert not all(torch.equal(final[k], at[300][k]) for k in final)
+    capsys.readouterr()
+    assert main(["eval", str(run.path), "--samples", "8", "--steps", "10"]) == 0  # still the run's own exports
 
 
 def test_eval_refuses_a_run_on_another_base_before_loading_it(subjects, tmp_path):

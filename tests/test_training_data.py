@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from dreamloom.cli import main
-from dreamloom.datasets.buckets import bucket_sizes, covering_size, nearest_bucket
+from dreamloom.datasets.buckets import bucket_sizes, nearest_bucket
+from dreamloom.datasets.images import resized_size
 from dreamloom.datasets.sources import recipe_data
 from dreamloom.datasets.tags import vary_tags
 from dreamloom.models import load_base
@@ -24,7 +25,7 @@ SHORT = ["train.steps=4", "train.checkpoint_every=2", "train.sample_every=0", "s
 
 
 def cropped_share(width, height, bucket) -> float:
-    covered = covering_size(width, height, bucket)
+    covered = resized_size(width, height, bucket)
     return 1 - bucket[0] * bucket[1] / (covered[0] * covered[1])
 
 
@@ -235,3 +236,34 @@ def test_data_settings_that_would_do_nothing_are_said(subject_dir):
     assert "data.unmasked_weight" in notes
     on = resolve_recipe("tiny-lora", ["data.keep_tokens=1", "data.shuffle_tags=true"], {"data.path": str(subject_dir)})
     assert not on.notes()
+
+
+def test_mask_files_are_read_by_brightness_and_the_hidden_part_weighs_unmasked_weight(shapes_dir, tmp_path):
+    from dreamloom.datasets.masks import find_mask, load_mask
+    from dreamloom.datasets.scan import load_items
+
+    folder = tmp_path / "rgba"
+    folder.mkdir()
+    (folder / "p.png").write_bytes((shapes_dir / "p3.png").read_bytes())  # 96 x 96
+    Image.open(shapes_dir / "p3.mask.png").convert("RGBA").save(folder / "p.mask.png")  # opaque RGBA, as editors save
+    item = load_items(folder, trigger="sks", class_word="star", min_image_size=32, masks=True)[0]
+    assert item.mask == folder / "p.mask.png" and find_mask(item, "p.png", []) == item.mask
+    weights = load_mask(item.mask, (64, 64), (0, 0), False, 8, unmasked_weight=0.25)
+    assert weights[0, :, 0].tolist() == [0.25] * 8 and weights[0, :, -1].tolist() == [1.0] * 8
+
+
+def test_regularization_folders_are_captioned_as_class_pictures(subject_dir, tmp_path):
+    recipe = resolve_recipe("tiny-lora", ["data.caption_prefix='{trigger}, '",
+                                          f"data.folders=[{{path='{subject_dir}', regularization=true}}]"],
+                            {"data.path": str(subject_dir), "data.class_word": "star"})
+    split = recipe_data(recipe)
+    assert {i.caption for i in split.train} == {"sks, a photo of sks star"}
+    assert {i.caption for i in split.regularization} == {"a photo of star"}  # the trigger never reaches them
+
+
+def test_a_bucket_step_larger_than_the_resolution_is_refused(subject_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["train", "tiny-lora", "--data", str(subject_dir), "--out", str(out), "--set", "data.buckets=true",
+                 "--set", "data.bucket_step=128"]) == 2
+    err = capsys.readouterr().err
+    assert "data.bucket_step = 128" in err and "at most 64" in err and not out.exists()

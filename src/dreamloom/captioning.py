@@ -133,18 +133,28 @@ def pictures(folder: Path) -> list[Path]:
 
 
 def caption_dataset(folder: str | Path, captioner: Captioner, *, prefix: str = "", suffix: str = "",
-                    overwrite: bool = False, progress=None) -> tuple[int, int]:
-    """Write `<stem>.txt` beside every picture; (written, kept because a caption existed)."""
+                    overwrite: bool = False, progress=None) -> tuple[int, int, list[str]]:
+    """Write `<stem>.txt` beside every picture; (written, kept because a caption existed, pictures
+    left without one: unreadable, or the model wrote nothing for them; the others are captioned all
+    the same). An empty result never replaces a caption."""
     found = pictures(Path(folder).expanduser())
     if not found:
         raise DreamloomError(f"no pictures in '{folder}' ({', '.join(SUPPORTED_SUFFIXES)})")
-    written = kept = 0
+    written, kept, unreadable = 0, 0, []
     for path in progress(found) if progress else found:
         sidecar = path.with_suffix(".txt")
         if sidecar.exists() and not overwrite:
             kept += 1
             continue
-        text = captioner.describe(to_rgb(open_oriented(path)))
+        try:
+            picture = to_rgb(open_oriented(path))
+        except Exception:  # PIL raises many types for broken files
+            unreadable.append(f"{path.name} (unreadable)")
+            continue
+        text = captioner.describe(picture).strip()
+        if not text:
+            unreadable.append(f"{path.name} (the model wrote nothing)")
+            continue
         atomic_write(sidecar, " ".join(f"{prefix} {text} {suffix}".split()) + "\n")
         written += 1
-    return written, kept
+    return written, kept, unreadable

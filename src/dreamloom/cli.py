@@ -47,10 +47,15 @@ def cmd_caption(args) -> int:
 
     pictures(Path(args.data).expanduser())  # a wrong folder is said before a model loads
     captioner = load_captioner(args.model, args.mode, threshold=args.threshold)
-    written, kept = caption_dataset(args.data, captioner, prefix=args.prefix, suffix=args.suffix,
-                                    overwrite=args.overwrite, progress=lambda xs: tqdm(xs, desc="captioning"))
+    written, kept, unreadable = caption_dataset(args.data, captioner, prefix=args.prefix, suffix=args.suffix,
+                                                overwrite=args.overwrite,
+                                                progress=lambda xs: tqdm(xs, desc="captioning"))
     print(f"{captioner.name}: wrote {written} caption(s) in {args.data}"
           + (f"; kept {kept} existing (--overwrite replaces them)" if kept else ""))
+    if unreadable:
+        raise DreamloomError(f"{len(unreadable)} picture(s) got no caption: {', '.join(unreadable)}; replace "
+                             "unreadable pictures; where the model wrote nothing, try another model (for tags, a "
+                             "lower --threshold)")
     return 0
 
 

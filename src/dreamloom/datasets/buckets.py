@@ -37,21 +37,10 @@ def nearest_bucket(width: int, height: int, resolution: int, step: int, max_aspe
     aspect = math.log(width / height)
     bucket = min(bucket_sizes(resolution, step, max_aspect),
                  key=lambda s: (abs(math.log(s[0] / s[1]) - aspect), -s[0] * s[1]))
-    if cover_scale(width, height, bucket) <= max_upscale:
+    if max(bucket[0] / width, bucket[1] / height) <= max_upscale:  # how much covering it enlarges
         return bucket
     # Its own, smaller bucket: the picture's aspect (clamped), at most max_upscale times its size.
     clamped = max(-math.log(max_aspect), min(math.log(max_aspect), aspect))
     side = math.sqrt(width * height) * max_upscale
     w, h = side * math.exp(clamped / 2), side * math.exp(-clamped / 2)
     return max(step, int(w // step * step)), max(step, int(h // step * step))
-
-
-def cover_scale(width: int, height: int, size: Size) -> float:
-    """How much a picture is scaled so that it covers `size` (the crop then trims the rest)."""
-    return max(size[0] / width, size[1] / height)
-
-
-def covering_size(width: int, height: int, size: Size) -> Size:
-    """(width, height) of the picture resized to cover `size`."""
-    scale = cover_scale(width, height, size)
-    return max(size[0], round(width * scale)), max(size[1], round(height * scale))

@@ -19,11 +19,12 @@ def mask_file(picture: Path) -> Path:
     return picture.with_name(picture.stem + MASK_SUFFIX)
 
 
-def _mask_levels(img: Image.Image) -> Image.Image:
-    """8-bit grey levels of a mask file, or of a picture's alpha channel."""
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        return img.convert("RGBA").getchannel("A")
-    return img.convert("L")
+def _mask_levels(img: Image.Image, source: Path) -> Image.Image:
+    """8-bit grey levels: a mask file's brightness (editors save masks as opaque RGBA too), or the
+    alpha channel of a picture that is its own mask."""
+    if source.name.endswith(MASK_SUFFIX):
+        return img.convert("L")
+    return img.convert("RGBA").getchannel("A")
 
 
 def find_mask(item, name: str, problems: list[str]) -> Path | None:
@@ -43,19 +44,20 @@ def find_mask(item, name: str, problems: list[str]) -> Path | None:
         problems.append(f"{where}: the mask is {img.size[0]}x{img.size[1]} px but {name} is "
                         f"{item.width}x{item.height}; masks must be the picture's size")
         return None
-    if not np.asarray(_mask_levels(img)).any():
+    if not np.asarray(_mask_levels(img, source)).any():
         problems.append(f"{where}: the mask is empty (all black): nothing of {name} would be learned")
         return None
     return source
 
 
 def load_mask(source: Path | None, size: tuple[int, int], offsets: tuple[int, int], flip: bool,
-              latent_scale: int = 8) -> torch.Tensor:
-    """The mask as loss weights in latent space: [1, h/scale, w/scale] in [0, 1], resized, cropped
-    and mirrored as the picture was, then averaged over each latent pixel's patch."""
+              latent_scale: int = 8, unmasked_weight: float = 0.0) -> torch.Tensor:
+    """The mask as loss weights in latent space: [1, h/scale, w/scale], resized, cropped and
+    mirrored as the picture was, averaged over each latent pixel's patch; what it hides weighs
+    `unmasked_weight`, what it shows 1."""
     w, h = size
     if source is None:
         return torch.ones(1, h // latent_scale, w // latent_scale)
-    levels = fit(_mask_levels(open_oriented(source)), size, offsets, flip, Image.Resampling.BILINEAR)
+    levels = fit(_mask_levels(open_oriented(source), source), size, offsets, flip, Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.array(levels, dtype=np.float32) / 255.0)[None, None]
-    return F.avg_pool2d(pixels, latent_scale)[0]
+    return unmasked_weight + (1 - unmasked_weight) * F.avg_pool2d(pixels, latent_scale)[0]

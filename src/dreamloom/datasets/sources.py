@@ -55,9 +55,10 @@ def kohya_folders(root: Path) -> list[tuple[Path, int, str]] | None:
     return found
 
 
-def sources(d) -> list[Source]:
-    """The folders of a [data] section, each with its own repeats and captions."""
-    found = []
+def sources(recipe) -> list[Source]:
+    """The folders of a recipe's [data], each with its own repeats and captions. Regularization
+    folders are class pictures: captioned like prior preservation's, never with the trigger."""
+    d, found = recipe.data, []
     if d.path:
         nested = kohya_folders(Path(d.path).expanduser())
         if nested is None:
@@ -67,10 +68,17 @@ def sources(d) -> list[Source]:
             found.append(Source(str(folder), repeats * d.repeats, d.class_word, caption, d.caption_prefix,
                                 d.caption_suffix))
     for f in d.folders:
-        found.append(Source(f.path, f.repeats, d.class_word if f.class_word is None else f.class_word,
-                            f.caption_template or d.caption_template, f.caption_prefix or d.caption_prefix,
-                            f.caption_suffix or d.caption_suffix, f.regularization))
+        shared = ("", "") if f.regularization else (d.caption_prefix, d.caption_suffix)
+        template = recipe.prior.class_prompt if f.regularization else d.caption_template
+        found.append(Source(f.path, f.repeats, _unless_none(f.class_word, d.class_word), f.caption_template or template,
+                            _unless_none(f.caption_prefix, shared[0]),
+                            _unless_none(f.caption_suffix, shared[1]), f.regularization))
     return found
+
+
+def _unless_none(value, default):
+    """A folder's own setting, where it has one ('' included: it clears the shared one)."""
+    return default if value is None else value
 
 
 def recipe_data(recipe) -> DataSplit:
@@ -84,7 +92,7 @@ def recipe_data(recipe) -> DataSplit:
                           caption_suffix=source.caption_suffix, masks=d.masked_loss)
 
     split = DataSplit([])
-    for source in sources(d):
+    for source in sources(recipe):
         (split.regularization if source.regularization else split.train).extend(load(source))
     if not split.train:
         raise DatasetError("no training pictures: every folder of [[data.folders]] is a regularization folder; "

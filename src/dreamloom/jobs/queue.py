@@ -135,8 +135,8 @@ class JobQueue:
             return cur
 
     def submit(self, recipe: Recipe, out_root: str | Path) -> int:
-        if not recipe.data.path:
-            raise DreamloomError("the job's recipe has no data.path: pick a dataset first.")
+        if not recipe.data.path and not recipe.data.folders:
+            raise DreamloomError("the job's recipe has no data.path (nor [[data.folders]]): pick a dataset first.")
         cur = self._write("INSERT INTO jobs (name, recipe, out_root, created) VALUES (?, ?, ?, ?)",
                           (recipe.name, dump_recipe(recipe), str(Path(out_root).resolve()), time.time()))
         return cur.lastrowid

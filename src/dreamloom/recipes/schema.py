@@ -42,7 +42,11 @@ class RecipeRules(Section):
             elif name not in own and getattr(self, name) is not None:
                 raise ValueError(f"section [{name}] does not apply to method '{self.method}' (it would be "
                                  f"ignored); remove it, or set method to one that uses it")
-        t = self.train
+        d, t = self.data, self.train
+        if d.buckets and d.bucket_step > min(d.all_resolutions):
+            raise ValueError(f"data.bucket_step = {d.bucket_step} is larger than data.resolution(s) "
+                             f"{d.all_resolutions}: buckets would have no side; use a step of at most "
+                             f"{min(d.all_resolutions)} (64 for 512 px and up)")
         if t.weights_dtype == "bf16" and not (t.fused_backward and t.mixed_precision in ("bf16", "auto")):
             raise ValueError("train.weights_dtype = 'bf16' needs train.fused_backward = true and "
                              "train.mixed_precision = 'bf16' (or 'auto' on a bf16 GPU)")

@@ -33,10 +33,13 @@ class FolderSection(Section):
     repeats: int = Field(1, ge=1, le=1000, description="how often each picture is seen per epoch")
     class_word: str | None = Field(None, description="this folder's class (default: data.class_word)")
     caption_template: str | None = Field(None, description="captions of pictures without a .txt (default: "
-                                         "data.caption_template)")
-    caption_prefix: str = Field("", description="put before every caption of this folder, e.g. '{trigger}, '")
-    caption_suffix: str = ""
-    regularization: bool = Field(False, description="class pictures (prior preservation) instead of the subject")
+                                         "data.caption_template, or prior.class_prompt for regularization)")
+    caption_prefix: str | None = Field(None, description="put before every caption of this folder, e.g. "
+                                       "'{trigger}, ' (default: data.caption_prefix; '' for none)")
+    caption_suffix: str | None = None
+    regularization: bool = Field(False, description="class pictures (prior preservation) instead of the subject: "
+                                 "captioned prior.class_prompt where they have no .txt, never data.caption_prefix; "
+                                 "paired one per subject picture, so their repeats do not apply")
 
 
 class DataSection(Section):

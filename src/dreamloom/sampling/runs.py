@@ -10,18 +10,18 @@ from PIL import Image
 from ..errors import DreamloomError
 
 
-def load_run_model(run):
+def load_run_model(run, paths: list | None = None):
     """The base of the run with its exports attached, exactly as a user would load them (each method
-    says how: `Method.sampling_model`)."""
+    says how: `Method.sampling_model`): its latest exports, or the files in `paths` (a checkpoint's)."""
     from ..trainers.registry import get_method
 
     recipe = run.recipe()
     export = [e for e in run.events() if e["event"] == "export"]
-    if not export:
+    if not export and paths is None:
         raise DreamloomError(f"run '{run.path}' has no exports yet; eval needs a finished run "
                              f"(or `dreamloom export {run.path}`).")
     method = get_method(recipe.method)
-    written = {Path(p).resolve() for p in export[-1]["paths"]}
+    written = {Path(p).resolve() for p in (paths if paths is not None else export[-1]["paths"])}
     files = {f.name: path for f in method.formats if (path := (run.exports / f.path(recipe)).resolve()) in written}
     return method.sampling_model(run, files)
 

@@ -258,10 +258,12 @@ def evaluate_checkpoints(run_path, settings: Settings | None = None) -> dict:
     subject = Subject.from_images(training_images(run), subject_word(recipe))
     validation = {e["step"]: e["loss"] for e in run.events() if e["event"] == "validation"}
     base_metrics, _ = evaluate_pipeline(load_base(recipe.base.model).pipeline(), subject, settings)
+    if 0 in validation:  # measured before the first step: the untouched base's own validation loss
+        base_metrics["validation_loss"] = validation[0]
     columns = {}
     for step in steps:
-        export_run(run.path, step=step, overwrite=True)
-        _, pipe = load_run_model(run.checkpoint_exports(step))
+        paths = export_run(run.path, step=step, overwrite=True)
+        _, pipe = load_run_model(run.checkpoint_exports(step), paths)
         metrics, _ = evaluate_pipeline(pipe, subject, settings)
         columns[step] = {**metrics, **({"validation_loss": validation[step]} if step in validation else {})}
     report = {"run": str(run.path), "method": recipe.method, "subject": subject.__dict__,

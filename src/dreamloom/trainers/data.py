@@ -55,6 +55,10 @@ class TrainingData:
         self.expanded = torch.tensor([e for r in range(max(reps)) for e in range(len(reps)) if reps[e] > r])
         self.size = len(self.expanded)
         self.one_size = sizes is not None or len({e.size for e in self.examples}) == 1
+        per_size: dict[tuple[int, int], int] = {}
+        for e in self.expanded.tolist():
+            per_size[self.examples[e].size] = per_size.get(self.examples[e].size, 0) + 1
+        self.batches_per_epoch = sum(math.ceil(n / recipe.train.batch_size) for n in per_size.values())
         self._epoch: tuple[int | None, object] = (None, None)
         family = base.family
         self.tokens = family.tokenize(base, [item.caption for item in items])
@@ -64,10 +68,10 @@ class TrainingData:
         self.cached = data.cache_latents and data.crop == "center"
         self.moments: dict[tuple[int, bool], torch.Tensor] = {}
         self.masks: dict[tuple[int, bool], torch.Tensor] = {}
+        cache = LatentCache(cache_root() / "latents", module_fingerprint(base.vae)) if self.cached else None
         for e, example in enumerate(self.examples):
             for flip in (False, True) if data.flip else (False,):
                 if self.cached:
-                    cache = LatentCache(cache_root() / "latents", module_fingerprint(base.vae))
                     self.moments[e, flip] = cache.moments(items[example.item], example.size, flip, base.vae)
                 if self.cached and data.masked_loss:
                     self.masks[e, flip] = self._mask(e, flip, self._center(e))
@@ -117,14 +121,6 @@ class TrainingData:
                    for group in groups.values() for start in range(0, len(group), n)]
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
-    @property
-    def batches_per_epoch(self) -> int:
-        n = self.recipe.train.batch_size
-        sizes: dict[tuple[int, int], int] = {}
-        for e in self.expanded.tolist():
-            sizes[self.examples[e].size] = sizes.get(self.examples[e].size, 0) + 1
-        return sum(math.ceil(count / n) for count in sizes.values())
-
     def indices(self, step: int, micro: int) -> list[int]:
         """Example indices of one micro-batch: consecutive slices of per-epoch shuffles (one size),
         or the next of the epoch's batches (several sizes)."""
@@ -142,7 +138,8 @@ class TrainingData:
 
     def _mask(self, e: int, flip: bool, crop: tuple[int, int]) -> torch.Tensor:
         example = self.examples[e]
-        return load_mask(self.items[example.item].mask, example.size, crop, flip, self.latent_scale)
+        return load_mask(self.items[example.item].mask, example.size, crop, flip, self.latent_scale,
+                         self.recipe.data.unmasked_weight)
 
     def _moments(self, e: int, flip: bool, g: torch.Generator) -> tuple[torch.Tensor, tuple[int, int]]:
         """The latent distribution of example e, and where its crop starts (top, left)."""

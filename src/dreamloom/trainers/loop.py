@@ -223,11 +223,11 @@ def between_steps(state: TrainState, done: int, stop: StopRequest) -> None:
     if stop.requested or due:
         path = save_checkpoint(state.accelerator, run, done, t.keep_checkpoints)
         run.log("checkpoint", step=done, path=str(path))
+    if due:  # before a stop too: a resumed run starts after this step and would never measure it
+        log_validation(state, done)
     if stop.requested:
         raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
                               f"continue with `dreamloom train --resume {run.path}`")
-    if due:
-        log_validation(state, done)
     sample_due = (t.sample_every and done % t.sample_every == 0) or (due and state.recipe.sample.at_checkpoints)
     if sample_due and state.accelerator.is_main_process:
         with state.ema.applied() if state.ema else nullcontext():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from ..datasets.sources import DataSplit
 from ..errors import DreamloomError, RecipeError
 from ..rundir import RunDir
 from ..models import parse_base_spec, spec_arch
@@ -48,7 +49,7 @@ def preflight(recipe) -> int | None:
     return sum(p.numel() for p in trained.values()) * 4
 
 
-def check_run_inputs(recipe, out_root: str | Path | None = None) -> list:
+def check_run_inputs(recipe, out_root: str | Path | None = None) -> DataSplit:
     """Everything that can be checked without loading the model; returns the run's pictures (a DataSplit)."""
     if not recipe.data.path and not recipe.data.folders:
         raise RecipeError("no training images: pass --data FOLDER (or set data.path or [[data.folders]] in the recipe).")
@@ -136,5 +137,7 @@ def export_run(path: str | Path, formats: list[str] | None = None, overwrite: bo
     method.load_state_dict(base, state)
     target = run.checkpoint_exports(step) if step is not None else run
     paths = method.export(base, target, formats or recipe.export.formats, overwrite=overwrite)
-    run.log("export", paths=[str(p) for p in paths], checkpoint=str(checkpoint))
+    # A checkpoint's own files are a separate event: what `export` events list stays the run's main exports.
+    run.log("export" if step is None else "checkpoint_export", paths=[str(p) for p in paths],
+            checkpoint=str(checkpoint), **({"step": step} if step is not None else {}))
     return paths
