@@ -66,22 +66,53 @@ def cmd_sample(args) -> int:
     from .sampling import attach_loras, generate, make_grid, parse_weighted
     from .sampling.embeddings import attach_embeddings
     from .sampling.hypernetwork import attach_hypernetworks
+    from .sampling.images import png_info
+    from .sampling.schedulers import set_scheduler
 
     out = check_image_out(Path(args.out), args.overwrite)
+    if args.mask and not args.init_image:
+        raise DreamloomError("--mask says which part of --init-image to re-draw; pass --init-image PICTURE too.")
+    if args.init_image and args.steps * args.strength < 1:
+        raise DreamloomError(f"--strength {args.strength:g} of --steps {args.steps} re-draws no step at all; raise either "
+                             "(img2img runs strength x steps of them).")
+    init_image, mask = (read_picture(p, flag) for p, flag in ((args.init_image, "--init-image"), (args.mask, "--mask")))
     loras, hypernetworks = [parse_weighted(s) for s in args.lora], [parse_weighted(s) for s in args.hypernetwork]
     base = load_base(args.base)
     pipe = base.pipeline()
     attach_loras(pipe, base, loras)
     attach_hypernetworks(pipe, base, hypernetworks)
     attach_embeddings(pipe, base, args.embedding)
-    size = base.arch.resolution  # the size the base was trained at: 1024 for SDXL, 512 for SD 1.5
+    set_scheduler(pipe, args.scheduler)
+    # The size the base was trained at (1024 for SDXL, 512 for SD 1.5), or the init picture's, in 8 px cells.
+    default = (init_image.width // 8 * 8, init_image.height // 8 * 8) if init_image else (base.arch.resolution,) * 2
+    width, height = args.width or default[0], args.height or default[1]
     images = generate(pipe, args.prompt, negative_prompt=args.negative, steps=args.steps,
                       guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.n,
-                      width=args.width or size, height=args.height or size)
+                      width=width, height=height, clip_skip=args.clip_skip, init_image=init_image, mask=mask,
+                      strength=args.strength)
+    settings = dict(negative_prompt=args.negative, steps=args.steps, sampler=args.scheduler or "DDIM",
+                    guidance_scale=args.guidance, width=width, height=height, model=Path(args.base).stem,
+                    clip_skip=args.clip_skip, denoising_strength=args.strength if init_image else None)
+    kind = Image.registered_extensions()[out.suffix.lower()]
     with atomic_path(out) as tmp:
-        make_grid(images, cols=args.n).save(tmp, format=Image.registered_extensions()[out.suffix.lower()])
+        make_grid(images, cols=args.n).save(tmp, format=kind, **(
+            {"pnginfo": png_info(args.prompt, args.n, args.seed, settings)} if kind == "PNG" else {}))
     print(f"wrote {out}")
     return 0
+
+
+def read_picture(path: str | None, flag: str):
+    """A picture the command starts from, read before any model loads; None when not given."""
+    if path is None:
+        return None
+    from .datasets.images import open_oriented
+
+    try:
+        return open_oriented(Path(path).expanduser())
+    except FileNotFoundError:
+        raise DreamloomError(f"{flag} '{path}' does not exist.") from None
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DreamloomError(f"{flag} '{path}' is not a readable picture ({type(exc).__name__}); pass a PNG or JPEG.") from None
 
 
 def check_image_out(out: Path, overwrite: bool) -> Path:
@@ -307,6 +338,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def unit_float(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is outside 0 to 1")
+    return value
+
+
+def scheduler_choice(text: str) -> str:
+    from .sampling.schedulers import scheduler_name
+
+    try:
+        return scheduler_name(text)
+    except DreamloomError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def picture_side(text: str) -> int:
     value = positive_int(text)
     if value % 8:
@@ -370,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--width", type=picture_side, help="px, a multiple of 8 (default: the base's own size, 1024 for SDXL)")
     p.add_argument("--height", type=picture_side, help="px, a multiple of 8 (default: the base's own size)")
+    p.add_argument("--scheduler", type=scheduler_choice, help="the sampler by its A1111 name: Euler a, DPM++ 2M Karras, "
+                   "UniPC, ... (default: the base's DDIM)")
+    p.add_argument("--init-image", dest="init_image", help="img2img: start from this picture")
+    p.add_argument("--strength", type=unit_float, default=0.75, help="img2img: how much of --init-image is re-drawn, "
+                   "0 to 1 (default 0.75)")
+    p.add_argument("--mask", help="inpainting: white = re-draw, black = keep (with --init-image; an inpainting base "
+                   "is used as one, an ordinary base does masked img2img)")
+    p.add_argument("--clip-skip", dest="clip_skip", type=positive_int, help="A1111's CLIP skip: 2 uses the text "
+                   "encoder's next-to-last layer (what many anime bases expect)")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sample)

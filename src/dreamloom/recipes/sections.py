@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Section(BaseModel):
@@ -154,6 +154,20 @@ class SampleSection(Section):
     images_per_prompt: int = Field(2, ge=1, le=16)
     at_checkpoints: bool = Field(False, description="draw the prompts at every checkpoint too (same seeds), for "
                                  "the studio's checkpoint grid")
+    scheduler: str = Field("", description="the sampler by its A1111 name (Euler a, DPM++ 2M Karras, UniPC, ...); "
+                           "empty: the base's DDIM")
+    clip_skip: int | None = Field(None, ge=1, le=12, description="A1111's CLIP skip (2: the next-to-last layer)")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from ..errors import DreamloomError
+        from ..sampling.schedulers import scheduler_name  # the names live with the schedulers
+
+        try:
+            return scheduler_name(value) if value else value
+        except DreamloomError as exc:  # pydantic reports ValueErrors with the key's name
+            raise ValueError(str(exc)) from None
 
 
 class ExportSection(Section):

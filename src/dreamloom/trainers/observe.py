@@ -11,6 +11,7 @@ import threading
 import torch
 
 from ..sampling import generate, make_grid
+from ..sampling.schedulers import set_scheduler
 from .parts import parts_on, unwrapped
 from .trackers import log_image
 
@@ -40,13 +41,17 @@ def save_samples(run, recipe, base, step: int, accelerator) -> None:
     s = recipe.sample
     prompts = [recipe.fill(p) for p in s.prompts]
     with parts_on(base, accelerator.device), accelerator.autocast():
-        images = generate(unwrapped(base).pipeline(), prompts, negative_prompt=s.negative_prompt, steps=s.steps,
-                          guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt)
+        pipe = unwrapped(base).pipeline()
+        set_scheduler(pipe, s.scheduler)
+        images = generate(pipe, prompts, negative_prompt=s.negative_prompt, steps=s.steps,
+                          guidance_scale=s.guidance_scale, seed=s.seed, images_per_prompt=s.images_per_prompt,
+                          clip_skip=s.clip_skip)
     run.samples.mkdir(exist_ok=True)
     path = run.samples / f"step-{step:08d}.png"
     grid = make_grid(images, cols=s.images_per_prompt)
     grid.save(path)
-    run.log("sample", step=step, path=str(path), prompts=prompts, images_per_prompt=s.images_per_prompt)
+    run.log("sample", step=step, path=str(path), prompts=prompts, images_per_prompt=s.images_per_prompt,
+            scheduler=s.scheduler or "DDIM")
     log_image(accelerator, recipe, "samples", grid, step)
 
 
