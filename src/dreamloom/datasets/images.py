@@ -88,8 +88,6 @@ def load_image(
     then cropped ("center", "random" drawn from `generator`, or at given (top, left)), then
     mirrored if `flip`.
     """
-    if isinstance(crop, str) and crop not in CROP_MODES:
-        raise ValueError(f"unknown crop mode {crop!r}; expected one of {CROP_MODES}")
     img = to_rgb(open_oriented(path))
     offsets = crop if not isinstance(crop, str) else crop_offsets(*img.size, size, crop, generator)
     img = fit(img, size, offsets, flip)

@@ -213,9 +213,8 @@ class TrainingStream:
         self.data, self.classes, self.class_weight = data, classes, class_weight
 
     def batch(self, step: int, micro: int = 0) -> Batch:
-        examples = self.data.indices(step, micro)
-        batch = self.data.make_batch(examples, step_generator(self.data.seed, step, micro))
-        if self.classes is not None:
-            size = self.data.examples[examples[0]].size
+        batch = self.data.batch(step, micro)
+        if self.classes is not None:  # at the instance batch's size: (latent sides) x the VAE's scale
+            size = (batch.latents.shape[-1] * self.data.latent_scale, batch.latents.shape[-2] * self.data.latent_scale)
             batch = batch.with_prior(self.classes.batch(step, micro, size), self.class_weight)
         return batch
