@@ -502,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score every checkpoint the runs hold, beside their validation loss")
     p.set_defaults(func=cmd_eval)
 
+    from .lora_tools.cli import add_parser as add_lora_parser
+
+    add_lora_parser(sub)
+
     p = sub.add_parser("doctor", help="the libraries, devices and disk this installation has, and known breaks")
     p.set_defaults(func=cmd_doctor)
 
