@@ -60,44 +60,31 @@ def cmd_caption(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from PIL import Image
-
-    from .models import load_base
-    from .sampling import attach_loras, generate, make_grid, parse_weighted
-    from .sampling.embeddings import attach_embeddings
-    from .sampling.hypernetwork import attach_hypernetworks
-    from .sampling.images import png_info
-    from .sampling.schedulers import set_scheduler
+    from .sampling import parse_weighted
+    from .sampling.command import MASK_NEEDS_PICTURE, Request, draw_request, write_sample
+    from .sampling.images import Hires
+    from .sampling.xy import parse_axis
 
     out = check_image_out(Path(args.out), args.overwrite)
-    if args.mask and not args.init_image:
-        raise DreamloomError("--mask says which part of --init-image to re-draw; pass --init-image PICTURE too.")
-    if args.init_image and args.steps * args.strength < 1:
-        raise DreamloomError(f"--strength {args.strength:g} of --steps {args.steps} re-draws no step at all; raise either "
-                             "(img2img runs strength x steps of them).")
-    init_image, mask = (read_picture(p, flag) for p, flag in ((args.init_image, "--init-image"), (args.mask, "--mask")))
-    loras, hypernetworks = [parse_weighted(s) for s in args.lora], [parse_weighted(s) for s in args.hypernetwork]
-    base = load_base(args.base)
-    pipe = base.pipeline()
-    attach_loras(pipe, base, loras)
-    attach_hypernetworks(pipe, base, hypernetworks)
-    attach_embeddings(pipe, base, args.embedding)
-    set_scheduler(pipe, args.scheduler)
-    # The size the base was trained at (1024 for SDXL, 512 for SD 1.5), or the init picture's, in 8 px cells.
-    default = (init_image.width // 8 * 8, init_image.height // 8 * 8) if init_image else (base.arch.resolution,) * 2
-    width, height = args.width or default[0], args.height or default[1]
-    images = generate(pipe, args.prompt, negative_prompt=args.negative, steps=args.steps,
-                      guidance_scale=args.guidance, seed=args.seed, images_per_prompt=args.n,
-                      width=width, height=height, clip_skip=args.clip_skip, init_image=init_image, mask=mask,
-                      strength=args.strength)
-    settings = dict(negative_prompt=args.negative, steps=args.steps, sampler=args.scheduler or "DDIM",
-                    guidance_scale=args.guidance, width=width, height=height, model=Path(args.base).stem,
-                    clip_skip=args.clip_skip, denoising_strength=args.strength if init_image else None)
-    kind = Image.registered_extensions()[out.suffix.lower()]
-    with atomic_path(out) as tmp:
-        make_grid(images, cols=args.n).save(tmp, format=kind, **(
-            {"pnginfo": png_info(args.prompt, args.n, args.seed, settings)} if kind == "PNG" else {}))
-    print(f"wrote {out}")
+    if args.mask and not args.init_image:  # before any picture is read
+        raise DreamloomError(MASK_NEEDS_PICTURE)
+    if args.each and not args.overwrite and any(out.parent.glob(f"{out.stem}-[0-9]*.png")):
+        raise DreamloomError(f"--each would replace {out.stem}-00001.png ... in '{out.parent}'; choose another --out "
+                             "or pass --overwrite.")
+    request = Request(
+        prompts=args.prompt, base=args.base, run=args.run, step=args.step,
+        loras=[parse_weighted(s) for s in args.lora], hypernetworks=[parse_weighted(s) for s in args.hypernetwork],
+        embeddings=args.embedding, negative=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance,
+        n=args.n, batch=args.batch, width=args.width, height=args.height, scheduler=args.scheduler,
+        clip_skip=args.clip_skip, strength=args.strength,
+        init_image=read_picture(args.init_image, "--init-image"), mask=read_picture(args.mask, "--mask"),
+        hires=Hires(args.hires, args.hires_strength, args.hires_upscaler, args.hires_steps) if args.hires else None,
+        controlnet=args.controlnet, control_image=read_picture(args.control_image, "--control-image"),
+        control_scale=args.control_scale,
+        x=parse_axis(args.x, "--x") if args.x else None, y=parse_axis(args.y, "--y") if args.y else None)
+    picture, cells = draw_request(request)
+    written = write_sample(out, picture, cells, request, each=args.each)
+    print(f"wrote {out}" + (f" and {len(written) - 1} pictures beside it" if args.each else ""))
     return 0
 
 
@@ -354,6 +341,16 @@ def scheduler_choice(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+UPSCALER_CHOICES = ("latent", "lanczos")
+
+
+def hires_scale(text: str) -> float:
+    value = finite_float(text)
+    if not 1 < value <= 4:
+        raise argparse.ArgumentTypeError(f"{text} is not an upscale factor from just above 1 to 4 (e.g. 1.5 or 2)")
+    return value
+
+
 def picture_side(text: str) -> int:
     value = positive_int(text)
     if value % 8:
@@ -401,31 +398,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace captions that exist (default: keep them)")
     p.set_defaults(func=cmd_caption)
 
-    p = sub.add_parser("sample", help="draw images with a base model and LoRA / hypernetwork files")
-    p.add_argument("--base", default="tiny")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="LoRA file (kohya or diffusers), repeatable")
+    p = sub.add_parser("sample", help="draw images with a base model and LoRA / hypernetwork / embedding files, or a "
+                       "run's exports; img2img, inpainting, hires fix, ControlNet, X/Y plots")
+    p.add_argument("--base", help="a base: tiny, toy, a diffusers folder or a single .safetensors file (default tiny)")
+    p.add_argument("--run", help="a training run: its exports on its own base (the latest, or --step's checkpoint)")
+    p.add_argument("--step", type=positive_int, help="with --run: the checkpoint at this training step")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="LoRA/LyCORIS file (kohya or diffusers), repeatable")
     p.add_argument("--hypernetwork", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="hypernetwork .pt or .safetensors, repeatable (applied in order)")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="textual-inversion embedding (A1111 .safetensors/.pt, diffusers learned_embeds), repeatable; "
                         "its file name is the prompt word")
-    p.add_argument("--prompt", action="append", required=True, help="repeatable: one grid row per prompt")
-    p.add_argument("--negative", default="")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", action="append", required=True, help="repeatable: one grid row per prompt. A1111's "
+                   "syntax: (word:1.3) or (word) weighs more, [word] less, BREAK starts a new 75-token chunk; any length")
+    p.add_argument("--negative", default="", help="negative prompt (same syntax)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first picture; the next ones count up")
     p.add_argument("--steps", type=positive_int, default=25)
-    p.add_argument("--guidance", type=finite_float, default=7.5)
-    p.add_argument("--n", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--guidance", type=finite_float, default=7.5, help="CFG scale")
+    p.add_argument("--n", type=positive_int, default=1, help="pictures per prompt (A1111's batch count x size)")
+    p.add_argument("--batch", type=positive_int, help="pictures drawn at once (memory against speed; the pictures "
+                   "stay the same). Default: all of a prompt's")
     p.add_argument("--width", type=picture_side, help="px, a multiple of 8 (default: the base's own size, 1024 for SDXL)")
     p.add_argument("--height", type=picture_side, help="px, a multiple of 8 (default: the base's own size)")
     p.add_argument("--scheduler", type=scheduler_choice, help="the sampler by its A1111 name: Euler a, DPM++ 2M Karras, "
                    "UniPC, ... (default: the base's DDIM)")
+    p.add_argument("--clip-skip", dest="clip_skip", type=positive_int, help="A1111's CLIP skip: 2 uses the text "
+                   "encoder's next-to-last layer (what many anime bases expect)")
     p.add_argument("--init-image", dest="init_image", help="img2img: start from this picture")
     p.add_argument("--strength", type=unit_float, default=0.75, help="img2img: how much of --init-image is re-drawn, "
                    "0 to 1 (default 0.75)")
-    p.add_argument("--mask", help="inpainting: white = re-draw, black = keep (with --init-image; an inpainting base "
-                   "is used as one, an ordinary base does masked img2img)")
-    p.add_argument("--clip-skip", dest="clip_skip", type=positive_int, help="A1111's CLIP skip: 2 uses the text "
-                   "encoder's next-to-last layer (what many anime bases expect)")
+    p.add_argument("--mask", help="inpainting: white = re-draw, black = keep, the size of --init-image (an "
+                   "inpainting base is used as one, an ordinary base does masked img2img)")
+    p.add_argument("--hires", type=hires_scale, metavar="SCALE", help="hires fix: draw, upscale by SCALE (e.g. 2), "
+                   "re-draw part of it at the larger size")
+    p.add_argument("--hires-strength", dest="hires_strength", type=unit_float, default=0.5,
+                   help="hires fix: the share re-drawn at the larger size (default 0.5)")
+    p.add_argument("--hires-upscaler", dest="hires_upscaler", choices=UPSCALER_CHOICES, default="latent",
+                   help="hires fix: upscale the latents (A1111's Latent) or the picture (Lanczos)")
+    p.add_argument("--hires-steps", dest="hires_steps", type=positive_int, help="hires fix: steps of the second "
+                   "pass (default --steps)")
+    p.add_argument("--controlnet", help="a ControlNet: its diffusers folder or .safetensors file, for this base's family")
+    p.add_argument("--control-image", dest="control_image", help="the picture the ControlNet follows (edges, depth, "
+                   "pose...), already preprocessed")
+    p.add_argument("--control-scale", dest="control_scale", type=finite_float, default=1.0,
+                   help="how strongly the ControlNet steers (default 1)")
+    p.add_argument("--x", help="X/Y plot columns: NAME=V1,V2,... over seed, cfg, steps, scheduler, strength, step, "
+                   "prompt (search/replace), clip_skip; e.g. --x strength=0,0.5,1")
+    p.add_argument("--y", help="X/Y plot rows, as --x; e.g. --y step=200,400,600 (with --run)")
+    p.add_argument("--each", action="store_true", help="also write every picture on its own (<out>-00001.png, ...), "
+                   "each with its own seed in its parameters")
     p.add_argument("--out", default="samples.png")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_sample)

@@ -109,14 +109,20 @@ class Family:
     def text_trains(self, base: "Base") -> bool:
         return any(p.requires_grad for name in self.text_encoders for p in getattr(base, name).parameters())
 
-    def encode(self, base: "Base", tokens: tuple[torch.Tensor, ...]) -> Conditioning:
-        """The text encoders' output; gradients flow only when a text encoder has trainable weights."""
+    def encode(self, base: "Base", tokens: tuple[torch.Tensor, ...], clip_skip: int = 1) -> Conditioning:
+        """The text encoders' output; gradients flow only when a text encoder has trainable weights.
+        `clip_skip` is A1111's: 1 the family's usual layer, 2 the one before it, and so on. `base` is
+        anything with the family's text encoders as attributes (a Base, or a pipeline of it)."""
         with torch.set_grad_enabled(self.text_trains(base) and torch.is_grad_enabled()):
-            return self._encode(base, tokens)
+            return self._encode(base, tokens, clip_skip)
 
-    def _encode(self, base: "Base", tokens: tuple[torch.Tensor, ...]) -> Conditioning:
+    def _encode(self, base: "Base", tokens: tuple[torch.Tensor, ...], clip_skip: int) -> Conditioning:
         te = base.text_encoder
-        return Conditioning({"hidden": te(tokens[0].to(te.device))[0]})
+        if clip_skip == 1:
+            return Conditioning({"hidden": te(tokens[0].to(te.device))[0]})
+        # an earlier layer through the final layer norm, as A1111 (and diffusers' clip_skip) do
+        out = te(tokens[0].to(te.device), output_hidden_states=True)
+        return Conditioning({"hidden": te.final_layer_norm(out.hidden_states[-clip_skip])})
 
     def unet_kwargs(self, cond: Conditioning, original_size: torch.Tensor, crop_top_left: torch.Tensor,
                     target_size: tuple[int, int]) -> dict:
@@ -249,12 +255,12 @@ class SDXLFamily(Family):
     def pipeline_kwargs(self) -> dict:
         return {}
 
-    def _encode(self, base: "Base", tokens: tuple[torch.Tensor, ...]) -> Conditioning:
+    def _encode(self, base: "Base", tokens: tuple[torch.Tensor, ...], clip_skip: int) -> Conditioning:
         hidden = []
         for part, ids in zip(self.text_encoders, tokens):
             te = getattr(base, part)
             out = te(ids.to(te.device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
+            hidden.append(out.hidden_states[-1 - clip_skip])  # SDXL's usual layer is already the penultimate
         return Conditioning({"hidden": torch.cat(hidden, dim=-1), "pooled": out[0]})  # out: OpenCLIP-G's
 
     def unet_kwargs(self, cond: Conditioning, original_size, crop_top_left, target_size) -> dict:
@@ -278,3 +284,12 @@ class SDXLFamily(Family):
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Family(), SD2Family(), SDXLFamily())}
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The family whose text-to-image pipeline this is (SD 1 and SD 2 encode text alike, so the
+    first match is enough)."""
+    for family in FAMILIES.values():
+        if isinstance(pipe, family.pipeline_class):
+            return family
+    raise TypeError(f"{type(pipe).__name__} is no text-to-image pipeline of a family dreamloom knows")

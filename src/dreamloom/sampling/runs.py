@@ -10,9 +10,10 @@ from PIL import Image
 from ..errors import DreamloomError
 
 
-def load_run_model(run, paths: list | None = None):
-    """The base of the run with its exports attached, exactly as a user would load them (each method
-    says how: `Method.sampling_model`): its latest exports, or the files in `paths` (a checkpoint's)."""
+def load_run_model(run, paths: list | None = None, strength: float = 1.0):
+    """The base of the run with its exports attached at `strength`, exactly as a user would load them
+    (each method says how: `Method.sampling_model`): its latest exports, or the files in `paths` (a
+    checkpoint's)."""
     from ..trainers.registry import get_method
 
     recipe = run.recipe()
@@ -23,7 +24,7 @@ def load_run_model(run, paths: list | None = None):
     method = get_method(recipe.method)
     written = {Path(p).resolve() for p in (paths if paths is not None else export[-1]["paths"])}
     files = {f.name: path for f in method.formats if (path := (run.exports / f.path(recipe)).resolve()) in written}
-    return method.sampling_model(run, files)
+    return method.sampling_model(run, files, strength)
 
 
 def training_images(run) -> list[Image.Image]:

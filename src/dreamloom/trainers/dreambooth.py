@@ -90,9 +90,14 @@ class DreamboothMethod(Method):
         return written
 
     @classmethod
-    def sampling_model(cls, run, files):
-        """The exported model itself (its diffusers folder, else its single file), as a user loads it."""
+    def sampling_model(cls, run, files, strength: float = 1.0):
+        """The exported model itself (its diffusers folder, else its single file), as a user loads it.
+        A whole model has no strength to turn down."""
+        from ..errors import DreamloomError
         from ..models import load_base
 
+        if strength != 1.0:
+            raise DreamloomError(f"run '{run.path}' is a DreamBooth run: its export is a whole model, with no strength "
+                                 "to vary; vary step, cfg or seed instead (or extract a LoRA: dreamloom lora extract).")
         base = load_base(str(files.get("diffusers") or files["single_file"]))
         return base, base.pipeline()

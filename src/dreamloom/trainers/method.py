@@ -92,9 +92,10 @@ class Method:
         return run.exports / format_of(type(self), format_name).path(self.recipe)
 
     @classmethod
-    def sampling_model(cls, run: "RunDir", files: dict[str, Path]):
-        """(base, pipeline) as a user samples this run's exports ({format: path}): by default the
-        run's base with the first format that attaches. Methods that export a whole model override it."""
+    def sampling_model(cls, run: "RunDir", files: dict[str, Path], strength: float = 1.0):
+        """(base, pipeline) as a user samples this run's exports ({format: path}) at `strength`: by
+        default the run's base with the first format that attaches. Methods that export a whole model
+        override it."""
         from ..models.base import load_recipe_base
         from ..sampling.attach import attach_file
 
@@ -107,7 +108,7 @@ class Method:
                                  "the files a sampler can put on its base; re-export it with one of them.")
         base = load_recipe_base(recipe.base)
         pipe = base.pipeline()
-        attach_file(fmt.attach, pipe, base, files[fmt.name], 1.0)
+        attach_file(fmt.attach, pipe, base, files[fmt.name], strength)
         return base, pipe
 
 
