@@ -90,3 +90,19 @@ def trained_once(root: Path, subject_dir, recipes: dict[str, tuple[str, list[str
 def base_weights(module) -> dict[str, torch.Tensor]:
     """A module's own weights under their original names, without any injected adapter."""
     return {k.replace(".base_layer", ""): v.detach().clone() for k, v in module.state_dict().items() if "lora_" not in k}
+
+
+def compare(base, path, kind: str, strength: float, prompt: str, seed: int = 0, steps: int = 20,
+            guidance_scale: float = 7.5):
+    """(base alone, base with the file at `strength`), same prompt and seed; the file is taken off again."""
+    from dreamloom.sampling import generate
+    from dreamloom.sampling.attach import attach_file
+
+    pipe = base.pipeline()
+    alone = generate(pipe, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed)[0]
+    detach = attach_file(kind, pipe, base, Path(path), strength)
+    try:
+        with_file = generate(pipe, [prompt], steps=steps, guidance_scale=guidance_scale, seed=seed)[0]
+    finally:
+        detach()
+    return alone, with_file

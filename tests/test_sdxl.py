@@ -135,7 +135,7 @@ def test_every_method_trains_on_sdxl_and_reloads_as_a_user_loads_it(name, runs):
 @pytest.mark.parametrize("name", [n for n in RECIPES if n != "dreambooth"])  # a full model is a base, not tried on one
 def test_try_it_puts_every_sdxl_export_on_the_base_and_takes_it_off(name, runs):
     from dreamloom.studio.library import run_exports
-    from dreamloom.studio.tryit import compare
+    from helpers import compare
 
     run, _, _ = runs(name)
     base = load_base("tiny-xl")

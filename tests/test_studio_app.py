@@ -5,26 +5,27 @@ helpers and try-it panel on a really trained run."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import dreamloom.studio
 from dreamloom.rundir import RunDir
 from dreamloom.jobs.queue import JobQueue
-from dreamloom.jobs.worker import job_log
+from dreamloom.jobs.worker import job_log, run_worker
 from dreamloom.models import load_base
 from dreamloom.recipes import resolve_recipe
 from dreamloom.studio import datasets as ds
 from dreamloom.studio.library import download_bytes, scan_exports
-from dreamloom.studio.tryit import compare
 from dreamloom.trainers.registry import METHODS
 from dreamloom.trainers.run import start_run
-from helpers import subject_image, train_tiny, write_subject_images
+from helpers import compare, subject_image, train_tiny, write_subject_images
 
 APP = Path(dreamloom.studio.__file__).parent / "app.py"
 TIMEOUT = 120  # the first run of a page imports torch and diffusers; the machine may be busy
@@ -357,7 +358,9 @@ def test_library_lists_exports_downloads_and_tries_them(home, jobs):
     assert set(table["base"]) == {"tiny"} and set(table["trigger"]) == {"sks"}
     assert [b.label.split(" · ")[1] for b in at.download_button] == ["kohya", "diffusers"]
     click(at, "Generate")
-    assert [i.proto.imgs[0].caption for i in at.image] == ["the base alone", "with sks-lora.safetensors at strength 1"]
+    assert "Queued" in texts(at.info)  # drawing is a queued job, never the web process's work
+    job = JobQueue(home).jobs()[0]
+    assert job.name == "try sks-lora.safetensors" and "--x" in job.arguments and "strength=0,1" in job.arguments
 
 
 def test_library_rows_and_try_it_on_a_trained_run(home, jobs, trained):
@@ -382,8 +385,16 @@ def test_library_tries_a_toy_lora_on_the_toy_base_with_its_runs_settings(home, t
     at = open_page("library")
     assert labelled(at.text_input, "Prompt").value == kohya.prompt
     assert labelled(at.slider, "Guidance").value == 3.0 and labelled(at.slider, "Sampling steps").value == 5
+    labelled(at.text_input, "Y axis (rows)").set_value("seed=1,2")
     click(at, "Generate")
-    assert [i.proto.imgs[0].caption for i in at.image] == ["the base alone", "with sks-lora.safetensors at strength 1"]
+    run_worker(home, once=True)  # what the studio's worker does: `dreamloom sample ...` in its own process
+    at.run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert [i.proto.imgs[0].caption for i in at.image] == ["sks-lora.safetensors at strength 1"]
+    (picture,) = (home / "tryit").glob("*.png")
+    cells = json.loads(Image.open(picture).text["dreamloom"])["cells"]
+    assert [c["axes"] for c in cells] == [{"strength": s, "seed": seed} for seed in (1, 2) for s in (0.0, 1.0)]
+    assert [c["fields"]["Lora 0"] for c in cells] == ['"sks-lora: 0"', '"sks-lora: 1"'] * 2
 
     alone, with_lora = compare(load_base("toy"), kohya.path, "lora", 1.0, kohya.prompt, seed=1, steps=4,
                                guidance_scale=3.0)
