@@ -134,6 +134,12 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
                 page.get_by_role("button", name=re.compile(rf"{TRIGGER}-lora\.safetensors · kohya")).click()
             downloaded = tmp_path / "downloads" / download.value.suggested_filename
             download.value.save_as(downloaded)
+
+            # try it: a queued `dreamloom sample` job the studio's own worker draws; the panel polls for it
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text(f"{TRIGGER}-lora.safetensors at strength 1", exact=True).wait_for(timeout=180 * SECOND)
+            tried = page.locator("[data-testid=stImage] img").last
+            assert tried.evaluate("img => img.complete && img.naturalWidth") > 64  # the base alone beside the LoRA
         finally:
             browser.close()
 
