@@ -232,3 +232,22 @@ def test_a_step_the_run_does_not_have_is_refused(checkpointed_run, tmp_path, cap
     assert main(["sample", "--run", str(run.path), "--prompt", "x", "--y", "step=2,3",
                  "--out", str(tmp_path / "o.png")]) == 2
     assert "no checkpoint at step 3" in capsys.readouterr().err
+
+
+def test_every_option_on_sdxl(controlnets, pipes, tmp_path):
+    """SDXL's pipelines take the pooled embeddings too: weights, a long prompt, hires fix, img2img,
+    inpainting and ControlNet all draw on tiny-xl."""
+    from dreamloom.sampling.controlnet import Control, load_controlnet
+
+    pipe, prompt = pipes["tiny-xl"], [", ".join(["a (red:1.2) star"] * 30)]
+    first = generate(pipe, prompt, steps=2, seed=0, width=64, height=64, hires=Hires(1.5, 0.5, "lanczos"))[0]
+    assert first.size == (96, 96)
+    start = first.resize((64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    inpainted = generate(pipe, prompt, steps=2, seed=0, init_image=start, mask=mask, strength=1.0)[0]
+    assert np.abs(pixels(inpainted) - pixels(start))[:, 32:].max() == 0
+    model = load_controlnet(controlnets["tiny-xl"])
+    drawn = [generate(pipe, ["a star"], steps=2, seed=0, width=64, height=64,
+                      control=Control(model, edges(box)))[0] for box in ((8, 8, 30, 30), (30, 30, 56, 56))]
+    assert np.abs(pixels(drawn[0]) - pixels(drawn[1])).mean() > 0.5
