@@ -68,9 +68,9 @@ def apply(built: list[tuple[torch.nn.Module, object]], strength: float) -> Calla
     originals = []
     for layer, lyco in built:
         weight = layer.weight
-        delta = _delta(lyco, weight)
+        diff = delta(lyco, weight)
         originals.append((layer, weight.detach().to("cpu", copy=True)))
-        weight.copy_((weight.float() + strength * delta).to(weight.dtype))
+        weight.copy_((weight.float() + strength * diff).to(weight.dtype))
 
     def restore() -> None:
         with torch.no_grad():
@@ -79,7 +79,7 @@ def apply(built: list[tuple[torch.nn.Module, object]], strength: float) -> Calla
     return restore
 
 
-def _delta(lyco, weight: torch.Tensor) -> torch.Tensor:
+def delta(lyco, weight: torch.Tensor) -> torch.Tensor:
     """dW at strength 1 in fp32, as the module's own forward computes it (LyCORIS 4.1's get_diff_weight
     applies alpha/rank twice for LoHa and LoKr; its forward, ComfyUI and A1111 apply it once); for DoRA
     the whole re-normalised weight minus the base's, so that strength s interpolates as those UIs do."""
