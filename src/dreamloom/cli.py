@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from .atomic import atomic_path
 from .errors import DreamloomError
 from .paths import check_writable_folder, studio_home
 from .shell import quiet_libraries, run_command

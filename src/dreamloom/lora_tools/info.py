@@ -90,7 +90,7 @@ def describe(spec: str) -> dict:
     if path.suffix == ".safetensors":
         try:
             with safe_open(path, "pt") as f:
-                keys, first = list(f.keys()), None
+                keys = list(f.keys())
                 if all(k.split(".", 1)[0].isdigit() for k in keys) and keys:
                     return hypernetwork_info(path)
                 if len(keys) <= 2 and keys and all(k in ("emb_params", "clip_l", "clip_g") or "." not in k for k in keys):
