@@ -34,6 +34,8 @@ sync_api = pytest.importorskip("playwright.sync_api",
 # Playwright's own browser downloads are not used: Debian's Chromium, with nothing it would fetch.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
+# an image element can be in the page before its picture has arrived: wait for it to decode
+LOADED_WIDTH = "img => img.decode().then(() => img.naturalWidth)"
 SECOND = 1000  # Playwright counts in milliseconds
 TRIGGER = "zwx"
 
@@ -116,7 +118,7 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
             page.get_by_text("finished: 20 steps").wait_for(timeout=600 * SECOND)
             sample = page.locator("[data-testid=stImage] img").first
             sample.wait_for()
-            assert sample.evaluate("img => img.complete && img.naturalWidth") > 0
+            assert sample.evaluate(LOADED_WIDTH) > 0
             page.get_by_text("Checkpoints side by side").wait_for()  # the grid of steps 10 and 20
 
             page.reload()  # the page stops refreshing itself once no job is live: a menu stays open
@@ -139,7 +141,7 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
             page.get_by_role("button", name="Generate").click()
             page.get_by_text(f"{TRIGGER}-lora.safetensors at strength 1", exact=True).wait_for(timeout=180 * SECOND)
             tried = page.locator("[data-testid=stImage] img").last
-            assert tried.evaluate("img => img.complete && img.naturalWidth") > 64  # the base alone beside the LoRA
+            assert tried.evaluate(LOADED_WIDTH) > 64  # the base alone beside the LoRA
         finally:
             browser.close()
 
