@@ -159,8 +159,10 @@ def cmd_jobs(args) -> int:
         check_run_inputs(recipe, out)
         print(f"job {queue.submit(recipe, out)} queued")
     elif args.action == "list":
-        for job in queue.jobs():
-            print(f"{job.id:>4}  {job.state:9s}  {job.name:24s}  {job.run_dir or '-'}")
+        jobs = queue.jobs()
+        for job in jobs:
+            why = queue.waiting_reason(job, jobs)
+            print(f"{job.id:>4}  {job.state:9s}  {job.name:24s}  {job.run_dir or '-'}" + (f"  ({why})" if why else ""))
     elif args.action in ("cancel", "resume", "logs"):
         if args.job is None:
             raise DreamloomError(f"`dreamloom jobs {args.action} ID`: name the job (see `dreamloom jobs list`).")
@@ -176,16 +178,19 @@ def cmd_jobs(args) -> int:
             log = job_log(queue, args.job)
             print("\n".join(log.read_text().splitlines()[-args.lines:]) if log.exists() else "(no log yet)")
     elif args.action == "worker":
-        from .jobs.worker import run_worker
+        from .jobs.worker import Policy, run_worker
 
+        policy = Policy(hang=args.hang_timeout, retries=args.retries, backoff=args.backoff)
         devices = args.devices.split(",") if args.devices else [None]
         if len(devices) == 1:
-            run_worker(queue.home, devices[0], once=args.once)
+            run_worker(queue.home, devices[0], once=args.once, policy=policy)
         else:  # one worker process per GPU, all on the same queue
             import subprocess
 
             procs = [subprocess.Popen([sys.executable, "-m", "dreamloom", "jobs", "worker", "--home",
-                                       str(queue.home), "--devices", d] + (["--once"] if args.once else []))
+                                       str(queue.home), "--devices", d, "--hang-timeout", str(args.hang_timeout),
+                                       "--retries", str(args.retries), "--backoff", str(args.backoff)]
+                                      + (["--once"] if args.once else []))
                      for d in devices]
             return max(p.wait() for p in procs)
     return 0
@@ -486,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lines", type=int, default=40, help="logs: how many lines")
     p.add_argument("--devices", help="worker: comma-separated GPU ids, one worker each (e.g. 0,1)")
     p.add_argument("--once", action="store_true", help="worker: stop when the queue is empty")
+    p.add_argument("--hang-timeout", dest="hang_timeout", type=finite_float, default=300.0,
+                   help="worker: seconds without a heartbeat after which a job's process counts as hung and is "
+                        "stopped, then retried from its checkpoint (default 300)")
+    p.add_argument("--retries", type=positive_int, default=3, help="worker: starts a job gets in all before it "
+                   "stays failed after crashes or hangs (bad input is never retried; default 3)")
+    p.add_argument("--backoff", type=finite_float, default=30.0, help="worker: seconds before the first retry, "
+                   "doubled for each next one (default 30)")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("studio", help="the web dashboard, with a worker that runs its jobs")

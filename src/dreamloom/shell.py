@@ -30,7 +30,11 @@ def quiet_libraries() -> None:
 
 def run_command(command: Callable[[], int]) -> int:
     """Run `command`; a user-fixable error is printed as `error: ...` (exit 2), a stop with a
-    checkpoint as itself (exit 3), Ctrl-C as one line (exit 130)."""
+    checkpoint as itself (exit 3), Ctrl-C as one line (exit 130). Under a queue worker, the process
+    beats a heartbeat while it runs (jobs/heartbeat.py)."""
+    from .jobs.heartbeat import start_from_environment
+
+    start_from_environment()
     try:
         return command()
     except TrainingStopped as exc:

@@ -35,10 +35,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL,
     started REAL,
     finished REAL,
-    command TEXT                     -- a job that is not a training run: its `dreamloom` arguments, as JSON
+    command TEXT,                    -- a job that is not a training run: its `dreamloom` arguments, as JSON
+    lease_until REAL,                -- a running job's worker renews this; once past, another worker takes it
+    attempts INTEGER NOT NULL DEFAULT 0,  -- how many times a worker has started it
+    not_before REAL                  -- a retried job waits until then (backoff)
 )
 """
-ADDED_COLUMNS = {"command": "TEXT"}  # columns newer than some queues on disk
+# columns newer than some queues on disk
+ADDED_COLUMNS = {"command": "TEXT", "lease_until": "REAL", "attempts": "INTEGER NOT NULL DEFAULT 0",
+                 "not_before": "REAL"}
+SCHEMA_VERSION = 2  # PRAGMA user_version: a queue written by a newer dreamloom is refused, never rewritten
+LEASE_SECONDS = 60.0  # a worker that has not renewed its job's lease for this long has lost it
+MAX_ATTEMPTS = 3  # a job that failed this many times (a crash, a hang; never bad input) stays failed
+BACKOFF_SECONDS = 30.0  # the wait before attempt 2; doubled for each next one
 
 
 NOTICES = "CREATE TABLE IF NOT EXISTS notices (created REAL NOT NULL, message TEXT NOT NULL)"
@@ -61,11 +70,36 @@ class Job:
     started: float | None
     finished: float | None
     command: str | None = None
+    lease_until: float | None = None
+    attempts: int = 0
+    not_before: float | None = None
 
     @property
     def arguments(self) -> list[str] | None:
         """A command job's `dreamloom` arguments (e.g. caption DATA --model M); None for a training job."""
         return json.loads(self.command) if self.command else None
+
+
+def stop_process(pid: int | None, grace: float = 10.0) -> None:
+    """SIGTERM (with SIGCONT, so that a stopped process can act on it: a trainer checkpoints), then
+    SIGKILL after `grace` seconds. A process of another machine or user is left alone."""
+    import signal
+
+    if not pid_alive(pid):
+        return
+    for sig in (signal.SIGTERM, signal.SIGCONT):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+    deadline = time.time() + grace
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -94,6 +128,12 @@ class JobQueue:
             if reason is not None:
                 aside = set_aside(self.path)
             with closing(self._connect()) as db, db:
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise DreamloomError(
+                        f"the job queue {self.path} was written by a newer dreamloom (queue version {version}, this "
+                        f"one reads up to {SCHEMA_VERSION}); upgrade dreamloom (pip install -U dreamloom), or move "
+                        "the file aside to start a new queue (the run directories list every run).")
                 db.execute("PRAGMA journal_mode=WAL")  # readers never block the workers
                 db.execute(SCHEMA)
                 db.execute(NOTICES)
@@ -101,6 +141,7 @@ class JobQueue:
                 for column, kind in ADDED_COLUMNS.items():
                     if column not in have:
                         db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             if reason is not None:
                 self._repair(reason, aside)
 
@@ -158,16 +199,60 @@ class JobQueue:
             raise DreamloomError(f"no job {job_id} in {self.path}; `dreamloom jobs list` shows them.")
         return Job(**dict(row))
 
-    def claim(self, worker_pid: int, device: str | None = None) -> Job | None:
-        """Take the oldest queued job; the write lock makes two workers never take the same one."""
+    def claim(self, worker_pid: int, device: str | None = None, lease: float = LEASE_SECONDS) -> Job | None:
+        """Take the oldest job that may run now: queued (and past its backoff), or running under a
+        lease its worker stopped renewing (a hung worker; its trainer is stopped first). The write
+        lock makes two workers never take the same one."""
+        now = time.time()
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            row = db.execute("SELECT id, state, trainer_pid FROM jobs WHERE (state = 'queued' AND (not_before IS NULL "
+                             "OR not_before <= ?)) OR (state = 'running' AND lease_until < ?) ORDER BY id LIMIT 1",
+                             (now, now)).fetchone()
             if row is not None:
-                db.execute("UPDATE jobs SET state = 'running', worker_pid = ?, device = ?, started = ?, "
-                           "error = NULL WHERE id = ?", (worker_pid, device, time.time(), row["id"]))
+                db.execute("UPDATE jobs SET state = 'running', worker_pid = ?, device = ?, started = ?, lease_until = ?, "
+                           "attempts = attempts + 1, not_before = NULL, trainer_pid = NULL, error = NULL WHERE id = ?",
+                           (worker_pid, device, now, now + lease, row["id"]))
             db.execute("COMMIT")
-        return self.get(row["id"]) if row is not None else None
+        if row is None:
+            return None
+        if row["state"] == "running":  # the lease ran out: its old trainer must not train on beside the new one
+            stop_process(row["trainer_pid"])
+        return self.get(row["id"])
+
+    def renew(self, job_id: int, worker_pid: int, lease: float = LEASE_SECONDS) -> bool:
+        """Extend the worker's lease on its job; False when the job is no longer its own (another
+        worker took it over after the lease ran out)."""
+        cur = self._write("UPDATE jobs SET lease_until = ? WHERE id = ? AND worker_pid = ? AND state = 'running'",
+                          (time.time() + lease, job_id, worker_pid))
+        return cur.rowcount == 1
+
+    def retry_or_fail(self, job: Job, error: str, max_attempts: int = MAX_ATTEMPTS,
+                      backoff: float = BACKOFF_SECONDS) -> str:
+        """After a crash or a hang: queued again after a backoff (it resumes from its checkpoint), or
+        failed once it has had `max_attempts` starts; returns the new state."""
+        if job.attempts < max_attempts:
+            wait = backoff * 2 ** (job.attempts - 1)
+            self.update(job.id, state="queued", worker_pid=None, trainer_pid=None, lease_until=None,
+                        not_before=time.time() + wait,
+                        error=f"attempt {job.attempts} of {max_attempts} failed, retried in {wait:.0f} s: {error}")
+            return "queued"
+        self.update(job.id, state="failed", error=f"failed {job.attempts} time(s); the last error: {error}",
+                    finished=time.time(), trainer_pid=None, lease_until=None)
+        return "failed"
+
+    def waiting_reason(self, job: Job, jobs: list[Job] | None = None) -> str:
+        """Why a queued job has not started, in words: its place in line, or its backoff."""
+        if job.state != "queued":
+            return ""
+        now = time.time()
+        if job.not_before and job.not_before > now:
+            return f"retry {job.attempts + 1} in {job.not_before - now:.0f} s"
+        jobs = self.jobs() if jobs is None else jobs
+        running = sum(1 for j in jobs if j.state == "running")
+        ahead = sum(1 for j in jobs if j.state == "queued" and j.id < job.id)
+        line = f"{ahead} queued ahead" if ahead else "next in line"
+        return f"{line}; waiting for a free worker ({running} running)" if running else line
 
     def update(self, job_id: int, **fields) -> None:
         sets = ", ".join(f"{k} = ?" for k in fields)

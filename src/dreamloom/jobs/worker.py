@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DreamloomError, TrainingStopped
 from ..recipes.io import recipe_from_text
 from ..rundir import MARKER, RunDir
-from .queue import Job, JobQueue
+from .heartbeat import ENV as HEARTBEAT_ENV
+from .heartbeat import silence
+from .queue import BACKOFF_SECONDS, LEASE_SECONDS, MAX_ATTEMPTS, Job, JobQueue, stop_process
 
 def _die_with_parent() -> None:
     """In the trainer: receive SIGTERM when the worker dies, so it checkpoints and stops instead
@@ -44,10 +47,32 @@ def train_command(run: RunDir) -> list[str]:
     return [sys.executable, "-m", "dreamloom.trainers", str(run.path)]
 
 
-def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5) -> str:
-    """Run one claimed job to its end; returns its final state."""
+HANG_SECONDS = 300.0  # a process whose heartbeat has been silent this long is hung, not busy
+BAD_INPUT = 2  # the exit code of a user-fixable error: retrying it would fail the same way
+
+
+@dataclass
+class Policy:
+    """How a worker treats a job that crashes or hangs."""
+
+    hang: float = HANG_SECONDS
+    retries: int = MAX_ATTEMPTS  # starts a job gets in all
+    backoff: float = BACKOFF_SECONDS
+    lease: float = LEASE_SECONDS
+
+
+def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5, policy: Policy | None = None) -> str:
+    """Run one claimed job to its end, renewing its lease and watching its heartbeat; returns its
+    state afterwards ('queued' again when it crashed or hung and has attempts left)."""
+    policy = policy or Policy()
+    hang, lease = policy.hang, policy.lease
+
+    def retry(error: str) -> str:
+        return queue.retry_or_fail(job, error, policy.retries, policy.backoff)
+
     log = job_log(queue, job.id)
     log.parent.mkdir(parents=True, exist_ok=True)
+    run = None
     if job.arguments is not None:  # not a training run: `dreamloom ARGUMENTS`, watched the same way
         command = [sys.executable, "-m", "dreamloom", *job.arguments]
         where = ""
@@ -61,44 +86,68 @@ def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5) ->
             queue.finish(job.id, "finished")
             return "finished"
         command, where = train_command(run), f" in {run.path}"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    heartbeat = log.with_suffix(".heartbeat")
+    heartbeat.touch()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{HEARTBEAT_ENV: str(heartbeat)})
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     with open(log, "a") as out:
-        out.write(f"--- worker {os.getpid()} starts job {job.id}{where} ---\n")
+        out.write(f"--- worker {os.getpid()} starts job {job.id} (attempt {job.attempts}){where} ---\n")
         out.flush()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=_die_with_parent)
     queue.update(job.id, trainer_pid=proc.pid)
-    asked_to_stop = False
+    asked_to_stop, hung, renewed = False, False, time.time()
     while proc.poll() is None:
         time.sleep(poll)
+        if time.time() - renewed > lease / 4:
+            if not queue.renew(job.id, os.getpid(), lease):  # taken over after this worker stalled
+                stop_process(proc.pid)
+                return "lost"
+            renewed = time.time()
+        if silence(heartbeat) > hang:
+            _note(log, f"its process sent no heartbeat for {silence(heartbeat):.0f} s: stopped as hung")
+            stop_process(proc.pid)
+            hung = True
+            break
         current = queue.get(job.id)
         if current.cancel_requested and not asked_to_stop:
             proc.send_signal(signal.SIGTERM)  # the trainer checkpoints, then exits
             asked_to_stop = True
-    if proc.returncode == 0:
+    proc.wait()
+    tail = "\n".join(log.read_text().strip().splitlines()[-3:]) or f"exit code {proc.returncode}"
+    if hung:
+        return retry(f"hung (no heartbeat for {hang:.0f} s)")
+    if proc.returncode == 0 and (run is None or run.is_finished()):
         state, error = "finished", None
     elif asked_to_stop and (proc.returncode == TrainingStopped.exit_code or job.arguments is not None):
         state, error = "cancelled", None
-    else:
-        tail = log.read_text().strip().splitlines()[-3:]
-        state, error = "failed", "\n".join(tail) or f"exit code {proc.returncode}"
+    elif proc.returncode == BAD_INPUT:
+        state, error = "failed", tail
+    else:  # a crash, a kill, or an exit without the run's end event: never shown as running or finished
+        why = tail if proc.returncode != 0 else "the trainer exited without finishing its run"
+        return retry(why)
     queue.finish(job.id, state, error)
     return state
 
 
-def run_worker(home: str | Path, device: str | None = None, once: bool = False, poll: float = 1.0) -> None:
+def _note(log: Path, line: str) -> None:
+    with open(log, "a") as out:
+        out.write(f"--- worker {os.getpid()}: {line} ---\n")
+
+
+def run_worker(home: str | Path, device: str | None = None, once: bool = False, poll: float = 1.0,
+               policy: Policy | None = None) -> None:
     """Serve the queue until killed (or, with once, until it is empty)."""
     queue = JobQueue(home)
     for job_id in queue.recover_orphans():
         print(f"job {job_id}: its worker had died; queued again, it resumes from its checkpoint", flush=True)
     while True:
-        job = queue.claim(os.getpid(), device)
+        job = queue.claim(os.getpid(), device, lease=(policy or Policy()).lease)
         if job is None:
             if once:
                 return
             time.sleep(poll)
             continue
         print(f"job {job.id} ({job.name}) started on {device or 'the default device'}", flush=True)
-        print(f"job {job.id}: {run_job(queue, job, device)}", flush=True)
+        print(f"job {job.id}: {run_job(queue, job, device, policy=policy)}", flush=True)

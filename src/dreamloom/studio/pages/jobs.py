@@ -71,6 +71,8 @@ def command_detail(job) -> None:
     st.caption(literal("dreamloom " + " ".join(job.arguments)))
     if job.state == "failed":
         st.error(literal(f"It failed: {job.error or 'no message'}"))
+    elif job.state == "queued":
+        st.info(literal(f"Waiting: {queue.waiting_reason(job)}."))
     job_actions(job)
     st.code(log_tail(job_log(queue, job.id), lines=8) or "(no output yet)", language=None)
 
@@ -88,7 +90,9 @@ def job_detail(job) -> None:
     elif job.state == "running":
         st.progress(0.0, text="starting: loading the base model and the pictures...")
     elif job.state == "queued":
-        st.info("Waiting for a worker: jobs run one at a time, oldest first.")
+        st.info(literal(f"Waiting: {queue.waiting_reason(job)}. Jobs run one at a time per worker, oldest first."))
+        if job.error:  # a crash or a hang it is being retried after
+            st.warning(literal(job.error))
     elif job.state == "finished":
         st.progress(1.0, text=f"finished: {progress.step} steps")
     elif job.state == "cancelled":
@@ -128,8 +132,9 @@ def jobs_panel() -> None:
         st.info("No jobs yet. Submit one on the Train page.")
         st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
         return
-    table = pd.DataFrame([{"job": j.id, "state": j.state, "recipe": j.name,
-                           "submitted": when(j.created), "finished": when(j.finished)} for j in jobs])
+    table = pd.DataFrame([{"job": j.id, "state": j.state, "recipe": j.name, "waiting": queue.waiting_reason(j, jobs),
+                           "attempts": j.attempts, "submitted": when(j.created), "finished": when(j.finished)}
+                          for j in jobs])
     st.dataframe(table, hide_index=True, width="stretch")
     ids = [j.id for j in jobs]
     running = next((j.id for j in jobs if j.state == "running"), ids[0])
