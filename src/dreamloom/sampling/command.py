@@ -177,7 +177,7 @@ def draw_request(r: Request) -> tuple[Image.Image, list[dict]]:
     if r.controlnet:
         from .controlnet import Control, check_fits, load_controlnet
 
-        control = Control(load_controlnet(r.controlnet), r.control_image, r.control_scale, Path(r.controlnet).stem)
+        control = Control(load_controlnet(r.controlnet), r.control_image, r.control_scale)
     xs, ys = (r.x.values if r.x else [None]), (r.y.values if r.y else [None])
     rows, cells = [], []
     for y in ys:

@@ -17,7 +17,6 @@ class Control:
     model: object  # diffusers ControlNetModel
     image: Image.Image  # the control picture (edges, depth, pose, ...), already preprocessed
     scale: float = 1.0
-    name: str = "controlnet"
 
 
 def load_controlnet(path: str | Path):
