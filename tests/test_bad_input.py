@@ -210,3 +210,13 @@ def test_latent_caching_with_random_crops_is_said_to_do_nothing(tmp_path, subjec
         assert main(train_args(subject_dir, tmp_path / "runs", "--steps", "2", "--set", "data.crop='random'")) == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert any(e["event"] == "warning" and "data.cache_latents" in e["message"] for e in RunDir(run).events())
+
+
+def test_a_studio_beyond_this_machine_needs_a_password(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DREAMLOOM_PASSWORD", raising=False)
+    err = run_cli(["studio", "--host", "0.0.0.0", "--home", str(tmp_path / "home")], capsys)
+    assert "--host 0.0.0.0" in err and "--password-file" in err
+    (tmp_path / "short").write_text("abc\n")
+    err = run_cli(["studio", "--password-file", str(tmp_path / "short"), "--home", str(tmp_path / "home")], capsys)
+    assert "shorter than 8" in err and str(tmp_path / "short") in err
+    assert not (tmp_path / "home").exists()  # refused before anything was made

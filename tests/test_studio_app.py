@@ -105,7 +105,7 @@ def jobs(home, stars, trained):
 def open_page(page: str) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     if page != "datasets":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"screens/{page}.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -180,7 +180,7 @@ def test_datasets_demo_button_adds_the_crescents_once_and_they_train_with_one_cl
     assert "A dataset named 'demo-crescent' exists already; it was left as it is." in texts(at.error)
     assert snapshot(folder) == before and ds.list_datasets(home) == ["demo-crescent"]
 
-    at.switch_page("pages/train.py").run()
+    at.switch_page("screens/train.py").run()
     assert labelled(at.selectbox, "Recipe").value == "toy-lora (built-in)"
     assert labelled(at.selectbox, "Dataset").value == "demo-crescent"
     click(at, "Train")
@@ -337,7 +337,7 @@ def test_jobs_rerun_with_edits_opens_train_with_the_jobs_recipe(home, jobs):
     click(at, "Re-run with edits")
     assert texts(at.title) == "Train"
     assert labelled(at.selectbox, "Recipe").value == f"job {jobs['failed']}'s recipe (re-run with edits)"
-    at.switch_page("pages/train.py")  # AppTest stays on the page it last switched to; a browser follows the URL
+    at.switch_page("screens/train.py")  # AppTest stays on the page it last switched to; a browser follows the URL
     labelled(at.number_input, "Training steps").set_value(5)
     click(at, "Train")
     assert "Job 4 is queued" in texts(at.success), texts(at.error)

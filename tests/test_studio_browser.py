@@ -15,6 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -57,13 +60,13 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def studio(tmp_path, cli_env):
+@contextmanager
+def run_studio(tmp_path, env):
     """`dreamloom studio` on a free port; stopped (with its worker) at the end."""
     home, port = tmp_path / "home", free_port()
     log = open(tmp_path / "studio.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "dreamloom", "studio", "--home", str(home), "--port", str(port)],
-                            env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -75,20 +78,32 @@ def studio(tmp_path, cli_env):
                 proc.kill()
                 raise AssertionError(f"the studio did not start:\n{(tmp_path / 'studio.log').read_text()}")
             time.sleep(0.5)
-    yield url, home
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    log.close()
+    try:
+        yield url, home
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
     assert processes_mentioning(str(home)) == [], "the worker outlived the studio"
+
+
+@pytest.fixture
+def studio(tmp_path, cli_env):
+    with run_studio(tmp_path, cli_env) as running:
+        yield running
+
+
+def open_browser(playwright, profile: Path):
+    return playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, accept_downloads=True,
+        viewport={"width": 1400, "height": 1000})
 
 
 def test_first_session_in_a_real_browser(studio, tmp_path):
     url, home = studio
     pictures = write_subject_images(tmp_path / "pictures")
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            accept_downloads=True, viewport={"width": 1400, "height": 1000})
+        browser = open_browser(playwright, tmp_path / "profile")
         page = browser.new_page()
         page.set_default_timeout(60 * SECOND)
         try:
@@ -154,3 +169,88 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
     pipe = base.pipeline()
     attach_loras(pipe, base, [(downloaded, 1.0)])
     assert generate(pipe, [f"a {TRIGGER} star on a pink background"], steps=2, guidance_scale=3.0)[0].size == (64, 64)
+
+
+PASSWORD = "team-secret-42"
+
+
+def status_of(url: str, method: str = "GET", cookie: str | None = None) -> int:
+    request = urllib.request.Request(url, method=method, headers={"Cookie": cookie} if cookie else {})
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        return opener.open(request, timeout=10).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def websocket_status(url: str, cookie: str | None = None) -> str:
+    """The status line Streamlit's websocket answers an upgrade request with."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall((f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                   + (f"Cookie: {cookie}\r\n" if cookie else "") + "\r\n").encode())
+        return s.recv(1024).decode(errors="replace").splitlines()[0]
+
+
+def test_a_shared_studio_lets_nobody_in_without_the_password(tmp_path, cli_env):
+    """A studio with a password: no page, upload, media file or websocket without logging in, also
+    by direct URL; a wrong password is refused; with it the normal flow works and jobs say who
+    submitted them."""
+    with run_studio(tmp_path, dict(cli_env, DREAMLOOM_PASSWORD=PASSWORD)) as (url, home):
+        pictures = write_subject_images(tmp_path / "pictures")
+        with sync_api.sync_playwright() as playwright:
+            browser = open_browser(playwright, tmp_path / "profile")
+            page = browser.new_page()
+            page.set_default_timeout(60 * SECOND)
+            page.goto(url + "/jobs")
+            page.get_by_label("Your name").fill("ann")
+            page.get_by_label("Password").fill("not the password")
+            page.get_by_role("button", name="Log in").click()
+            page.get_by_text("wrong password").wait_for()
+            assert page.locator("[data-testid=stSidebar]").count() == 0
+            page.get_by_label("Your name").fill("ann")
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Log in").click()
+            page.get_by_text("Logged in as").wait_for()
+            assert page.url.endswith("/jobs")  # back where the visitor was going
+
+            page.get_by_role("link", name=re.compile("Datasets")).click()
+            page.get_by_role("textbox", name="Name", exact=True).fill("stars")
+            page.get_by_role("textbox", name="Class word", exact=True).fill("star")
+            page.get_by_role("button", name="Create dataset").click()
+            page.get_by_text("Dataset 'stars' created").wait_for()
+            page.locator("input[type=file]").first.set_input_files([str(p) for p in pictures])
+            page.get_by_role("button", name="Add to dataset").click()
+            page.get_by_text("Added 4 picture(s)").wait_for()
+            thumb = page.locator("[data-testid=stImage] img").first
+            assert thumb.evaluate(LOADED_WIDTH) > 0
+            media = urllib.parse.urljoin(url + "/", thumb.get_attribute("src"))
+            cookie = "; ".join(f"{c['name']}={c['value']}" for c in browser.cookies())
+            # a media file lives as long as the page showing it: asked for now, without and with the session
+            assert status_of(media) == 401 and status_of(media, cookie=cookie) == 200
+
+            page.get_by_role("link", name=re.compile("Train")).click()
+            field = page.get_by_role("spinbutton", name="Training steps")
+            field.fill("2")
+            field.press("Enter")
+            page.get_by_role("button", name=re.compile(r"Train$")).click()
+            page.get_by_text("Job 1 is queued").wait_for()
+            page.get_by_role("link", name=re.compile("Follow it on the Jobs page")).click()
+            page.locator("[data-testid=stDataFrame]").wait_for()
+            browser.close()
+
+        # without the session cookie: nothing but the login page, by any URL
+        assert status_of(url + "/") == 303 and status_of(url + "/library") == 303
+        for path in ("/_stcore/host-config", "/_stcore/upload_file/session/file", "/static/js/index.js"):
+            assert status_of(url + path) == 401, path
+        assert status_of(url + "/_stcore/upload_file/session/file", method="PUT") == 401
+        assert " 403 " in websocket_status(url) and " 101 " in websocket_status(url, cookie)
+        assert JobQueue(home).get(1).submitted_by == "ann"
+    assert PASSWORD not in (tmp_path / "studio.log").read_text()
+

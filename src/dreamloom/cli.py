@@ -145,6 +145,8 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_jobs(args) -> int:
+    import getpass
+
     from .jobs.queue import JobQueue
 
     queue = JobQueue(studio_home(args.home))
@@ -157,12 +159,13 @@ def cmd_jobs(args) -> int:
         recipe = resolve_recipe(args.recipe, args.set, _shortcut_values(args))
         out = args.out or queue.home / "runs"
         check_run_inputs(recipe, out)
-        print(f"job {queue.submit(recipe, out)} queued")
+        print(f"job {queue.submit(recipe, out, by=getpass.getuser())} queued")
     elif args.action == "list":
         jobs = queue.jobs()
         for job in jobs:
             why = queue.waiting_reason(job, jobs)
-            print(f"{job.id:>4}  {job.state:9s}  {job.name:24s}  {job.run_dir or '-'}" + (f"  ({why})" if why else ""))
+            by = f"  by {job.submitted_by}" if job.submitted_by else ""
+            print(f"{job.id:>4}  {job.state:9s}  {job.name:24s}  {job.run_dir or '-'}{by}" + (f"  ({why})" if why else ""))
     elif args.action in ("cancel", "resume", "logs"):
         if args.job is None:
             raise DreamloomError(f"`dreamloom jobs {args.action} ID`: name the job (see `dreamloom jobs list`).")
@@ -205,21 +208,26 @@ def cmd_studio(args) -> int:
     import signal
     import subprocess
 
+    from .studio.login import PASSWORD_ENV, read_password, server_environment
+
+    password = read_password(args.password_file)
+    if password is None and args.host not in LOCAL_HOSTS:
+        raise DreamloomError(f"--host {args.host} opens the studio beyond this machine: give the team a password "
+                             f"(--password-file FILE, or ${PASSWORD_ENV}) so that only they can log in.")
     home = studio_home(args.home)
     home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, DREAMLOOM_HOME=str(home))
+    # the password itself goes to no process: the server gets only its salted hash
+    env = {k: v for k, v in dict(os.environ, DREAMLOOM_HOME=str(home)).items() if k != PASSWORD_ENV}
     # Its own session: Ctrl-C reaches only the server, and the worker is stopped below, quietly.
     worker = subprocess.Popen([sys.executable, "-m", "dreamloom", "jobs", "worker", "--home", str(home)], env=env,
                               start_new_session=True)
-    app = Path(__file__).parent / "studio" / "app.py"
+    app = Path(__file__).parent / "studio" / ("shared_app.py" if password else "app.py")
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
                "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
                "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
-    print(f"dreamloom studio: http://{args.host}:{args.port}  (home: {home}; Ctrl-C stops it)", flush=True)
-    if args.host not in LOCAL_HOSTS:
-        print(f"warning: listening on {args.host}: anyone who can reach this machine can upload files and "
-              "start jobs; there is no login.", file=sys.stderr, flush=True)
-    server = subprocess.Popen(command, env=env)
+    login = " with a login" if password else ""
+    print(f"dreamloom studio: http://{args.host}:{args.port}{login}  (home: {home}; Ctrl-C stops it)", flush=True)
+    server = subprocess.Popen(command, env=dict(env, **(server_environment(password) if password else {})))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a kill runs the clean-up below too
     try:
         return server.wait()
@@ -504,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--home", help="studio home folder (default: $DREAMLOOM_HOME or ~/.dreamloom)")
+    p.add_argument("--password-file", help="a file holding the team's password: every page, upload and download "
+                   "then needs a login (also $DREAMLOOM_PASSWORD); required with a --host beyond this machine")
     p.set_defaults(func=cmd_studio)
 
     p = sub.add_parser("toy", help="the toy world: subject pictures, pretraining of the toy base, its bar")

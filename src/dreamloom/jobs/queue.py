@@ -38,13 +38,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     command TEXT,                    -- a job that is not a training run: its `dreamloom` arguments, as JSON
     lease_until REAL,                -- a running job's worker renews this; once past, another worker takes it
     attempts INTEGER NOT NULL DEFAULT 0,  -- how many times a worker has started it
-    not_before REAL                  -- a retried job waits until then (backoff)
+    not_before REAL,                 -- a retried job waits until then (backoff)
+    submitted_by TEXT                -- who queued it: the studio login's name, or the CLI's user
 )
 """
 # columns newer than some queues on disk
 ADDED_COLUMNS = {"command": "TEXT", "lease_until": "REAL", "attempts": "INTEGER NOT NULL DEFAULT 0",
-                 "not_before": "REAL"}
-SCHEMA_VERSION = 2  # PRAGMA user_version: a queue written by a newer dreamloom is refused, never rewritten
+                 "not_before": "REAL",
+                 "submitted_by": "TEXT"}
+SCHEMA_VERSION = 3  # PRAGMA user_version: a queue written by a newer dreamloom is refused, never rewritten
 LEASE_SECONDS = 60.0  # a worker that has not renewed its job's lease for this long has lost it
 MAX_ATTEMPTS = 3  # a job that failed this many times (a crash, a hang; never bad input) stays failed
 BACKOFF_SECONDS = 30.0  # the wait before attempt 2; doubled for each next one
@@ -73,6 +75,7 @@ class Job:
     lease_until: float | None = None
     attempts: int = 0
     not_before: float | None = None
+    submitted_by: str | None = None
 
     @property
     def arguments(self) -> list[str] | None:
@@ -175,17 +178,17 @@ class JobQueue:
             db.execute("COMMIT")
             return cur
 
-    def submit(self, recipe: Recipe, out_root: str | Path) -> int:
+    def submit(self, recipe: Recipe, out_root: str | Path, by: str | None = None) -> int:
         if not recipe.data.path and not recipe.data.folders:
             raise DreamloomError("the job's recipe has no data.path (nor [[data.folders]]): pick a dataset first.")
-        cur = self._write("INSERT INTO jobs (name, recipe, out_root, created) VALUES (?, ?, ?, ?)",
-                          (recipe.name, dump_recipe(recipe), str(Path(out_root).resolve()), time.time()))
+        cur = self._write("INSERT INTO jobs (name, recipe, out_root, created, submitted_by) VALUES (?, ?, ?, ?, ?)",
+                          (recipe.name, dump_recipe(recipe), str(Path(out_root).resolve()), time.time(), by))
         return cur.lastrowid
 
-    def submit_command(self, name: str, arguments: list[str]) -> int:
+    def submit_command(self, name: str, arguments: list[str], by: str | None = None) -> int:
         """A job that runs `dreamloom ARGUMENTS` (captioning a dataset, say) on a worker, not in the studio."""
-        cur = self._write("INSERT INTO jobs (name, recipe, out_root, created, command) VALUES (?, '', '', ?, ?)",
-                          (name, time.time(), json.dumps(arguments)))
+        cur = self._write("INSERT INTO jobs (name, recipe, out_root, created, command, submitted_by) "
+                          "VALUES (?, '', '', ?, ?, ?)", (name, time.time(), json.dumps(arguments), by))
         return cur.lastrowid
 
     def jobs(self) -> list[Job]:

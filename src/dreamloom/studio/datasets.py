@@ -214,7 +214,7 @@ def remove_tag(folder: Path, tag: str, separator: str = ",") -> int:
     return changed
 
 
-def caption_job(queue, folder: Path, model: str, mode: str, prefix: str, overwrite: bool) -> int:
+def caption_job(queue, folder: Path, model: str, mode: str, prefix: str, overwrite: bool, by: str | None = None) -> int:
     """Queue `dreamloom caption` for a dataset (a worker runs it: a captioner never loads into the
     studio's process); the model folder is checked first."""
     from ..captioning import model_folder
@@ -226,7 +226,7 @@ def caption_job(queue, folder: Path, model: str, mode: str, prefix: str, overwri
     arguments = ["caption", str(folder), "--model", model.strip(), "--mode", mode]
     arguments += ["--prefix", prefix] if prefix else []
     arguments += ["--overwrite"] if overwrite else []
-    return queue.submit_command(f"caption {folder.name}", arguments)
+    return queue.submit_command(f"caption {folder.name}", arguments, by)
 
 
 def remove_image(image: Path) -> None:

@@ -76,7 +76,7 @@ def save_picture(home: Path, data: bytes, what: str) -> Path:
     return path
 
 
-def submit_try(queue: JobQueue, home: Path, t: TryIt) -> tuple[int, Path]:
+def submit_try(queue: JobQueue, home: Path, t: TryIt, by: str | None = None) -> tuple[int, Path]:
     """Queue the try; (job id, the picture it will write)."""
     if not t.prompt.strip():
         raise DreamloomError("Give a prompt to draw.")
@@ -84,7 +84,7 @@ def submit_try(queue: JobQueue, home: Path, t: TryIt) -> tuple[int, Path]:
         raise DreamloomError("A mask says which part of a start picture to re-draw; upload the picture too.")
     out = Path(home) / "tryit" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    return queue.submit_command(f"try {t.export.path.name}", sample_arguments(t, out)), out
+    return queue.submit_command(f"try {t.export.path.name}", sample_arguments(t, out), by), out
 
 
 def waiting_line(queue: JobQueue, job_id: int) -> str:

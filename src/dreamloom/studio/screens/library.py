@@ -11,6 +11,7 @@ from dreamloom.jobs.queue import JobQueue
 from dreamloom.paths import human_bytes
 from dreamloom.sampling.schedulers import SCHEDULERS
 from dreamloom.studio import literal, studio_home
+from dreamloom.studio.login import visitor
 from dreamloom.studio.library import download_bytes, scan_exports
 from dreamloom.studio.tryit import TryIt, save_picture, submit_try, waiting_line
 
@@ -18,7 +19,7 @@ st.title("Library")
 exports = scan_exports(studio_home())
 if not exports:
     st.info("Nothing exported yet: files appear here when a training job finishes.")
-    st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+    st.page_link("screens/train.py", label="Go to Train", icon=":material/model_training:")
     st.stop()
 
 st.dataframe(pd.DataFrame([{"file": e.path.name, "format": e.format, "loads in": e.loads_in,
@@ -96,7 +97,7 @@ def try_it_panel(candidates) -> None:
             t = TryIt(export, prompt, negative, strength, int(seed), steps, guidance,
                       None if sampler not in SCHEDULERS else sampler, int(width) or None, int(height) or None,
                       start_path, mask_path, denoise, x, y)
-            st.session_state["try-it-job"] = submit_try(JobQueue(home), home, t)
+            st.session_state["try-it-job"] = submit_try(JobQueue(home), home, t, by=visitor(st.context.cookies))
             st.session_state["try-it-caption"] = f"{export.path.name} at strength {strength:g}"
         except DreamloomError as exc:
             st.error(literal(str(exc)))

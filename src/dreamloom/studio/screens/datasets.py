@@ -8,6 +8,7 @@ from dreamloom.datasets import SUPPORTED_SUFFIXES
 from dreamloom.errors import DatasetError, DreamloomError
 from dreamloom.studio import datasets as ds
 from dreamloom.studio import literal, studio_home
+from dreamloom.studio.login import visitor
 from dreamloom.paths import human_bytes
 from dreamloom.studio.uploads import LIMITS, MB, save_uploads
 
@@ -135,7 +136,8 @@ with st.expander("Caption every picture with a model"):
             from dreamloom.jobs.queue import JobQueue
 
             try:
-                job_id = ds.caption_job(JobQueue(home), folder, model, mode, prefix, overwrite)
+                job_id = ds.caption_job(JobQueue(home), folder, model, mode, prefix, overwrite,
+                                            by=visitor(st.context.cookies))
             except DreamloomError as exc:
                 st.error(literal(str(exc)))
             else:

@@ -43,9 +43,9 @@ def job_actions(job) -> None:
     if job.arguments is None and middle.button("Re-run with edits", icon=":material/edit:", key=f"edit-{job.id}",
                                                help="Opens the Train page with this job's recipe."):
         st.session_state["edit_job"] = (job.id, job.recipe)
-        st.switch_page("pages/train.py")
+        st.switch_page("screens/train.py")
     if job.state == "finished" and job.arguments is None:
-        right.page_link("pages/library.py", label="Its exports in the Library", icon=":material/download:")
+        right.page_link("screens/library.py", label="Its exports in the Library", icon=":material/download:")
 
 
 def export_checkpoint(job, steps: list[int]) -> None:
@@ -130,9 +130,9 @@ def jobs_panel() -> None:
     jobs = queue.jobs()
     if not jobs:
         st.info("No jobs yet. Submit one on the Train page.")
-        st.page_link("pages/train.py", label="Go to Train", icon=":material/model_training:")
+        st.page_link("screens/train.py", label="Go to Train", icon=":material/model_training:")
         return
-    table = pd.DataFrame([{"job": j.id, "state": j.state, "recipe": j.name, "waiting": queue.waiting_reason(j, jobs),
+    table = pd.DataFrame([{"job": j.id, "state": j.state, "recipe": j.name, "by": j.submitted_by or "", "waiting": queue.waiting_reason(j, jobs),
                            "attempts": j.attempts, "submitted": when(j.created), "finished": when(j.finished)}
                           for j in jobs])
     st.dataframe(table, hide_index=True, width="stretch")

@@ -10,6 +10,7 @@ from dreamloom.jobs.queue import JobQueue
 from dreamloom.recipes import dump_recipe
 from dreamloom.studio import datasets as ds
 from dreamloom.studio import literal, studio_home
+from dreamloom.studio.login import visitor
 from dreamloom.studio import train_form as form
 from dreamloom.trainers.registry import METHODS
 from dreamloom.trainers.run import check_run_inputs
@@ -22,7 +23,7 @@ if "flash" in st.session_state:
 names = ds.list_datasets(home)
 if not names:
     st.info("First make a dataset and add a few pictures to it.")
-    st.page_link("pages/datasets.py", label="Go to Datasets", icon=":material/photo_library:")
+    st.page_link("screens/datasets.py", label="Go to Datasets", icon=":material/photo_library:")
     st.stop()
 
 # The Jobs page's "re-run with edits" leaves (job id, its recipe) here.
@@ -114,13 +115,13 @@ else:
 if st.button("Train", type="primary", icon=":material/play_arrow:"):
     try:
         check_run_inputs(recipe)  # every picture decoded, the base found: problems now, not in the worker
-        job_id = JobQueue(home).submit(recipe, home / "runs")
+        job_id = JobQueue(home).submit(recipe, home / "runs", by=visitor(st.context.cookies))
     except DreamloomError as exc:
         st.error(literal(str(exc)))
     else:
         st.session_state.pop("edit_job", None)
         st.success(f"Job {job_id} is queued.")
-        st.page_link("pages/jobs.py", label="Follow it on the Jobs page", icon=":material/monitoring:")
+        st.page_link("screens/jobs.py", label="Follow it on the Jobs page", icon=":material/monitoring:")
 
 st.subheader("Recipe files")
 left, middle, right = st.columns(3)
