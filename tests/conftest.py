@@ -27,7 +27,7 @@ def subject_dir(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli_env() -> dict:
     """Environment for `dreamloom` subprocesses: the venv's script dir first on PATH."""
     env = dict(os.environ)

@@ -15,7 +15,7 @@ from .shell import quiet_libraries, run_command
 
 SHORTCUTS = {"data": "data.path", "trigger": "data.trigger", "class_word": "data.class_word",
              "base": "base.model", "steps": "train.steps", "init_word": "textual_inversion.init_word",
-             "vectors": "textual_inversion.vectors"}
+             "vectors": "textual_inversion.vectors", "gpus": "train.processes"}
 
 
 def _shortcut_values(args) -> dict:
@@ -24,14 +24,25 @@ def _shortcut_values(args) -> dict:
 
 def cmd_train(args) -> int:
     from .recipes import resolve_recipe
-    from .trainers.run import resume_run, start_run
+    from .rundir import RunDir
+    from .trainers.launch import train_in_processes
+    from .trainers.run import check_run_inputs, resume_run, start_run
 
     if args.resume:
+        run = RunDir.open(args.resume)
+        if run.recipe().train.processes > 1:
+            return train_in_processes(run.path, run.recipe().train.processes)
         run, exports = resume_run(args.resume)
     else:
         if not args.recipe:
             raise DreamloomError("name a recipe (see `dreamloom recipes`) or a .toml file, or pass --resume RUN.")
         recipe = resolve_recipe(args.recipe, args.set, _shortcut_values(args))
+        if recipe.train.processes > 1:  # checked here, trained by `accelerate launch` in the run directory
+            items = check_run_inputs(recipe, args.out)
+            run = RunDir.create(args.out, recipe)
+            run.write_manifest(items.train)
+            print(f"run directory: {run.path}", flush=True)
+            return train_in_processes(run.path, recipe.train.processes)
         run, exports = start_run(recipe, args.out, log=lambda line: print(line, flush=True))
     print(f"finished: {run.path}")
     for path in exports:
@@ -184,17 +195,21 @@ def cmd_jobs(args) -> int:
         from .jobs.worker import Policy, run_worker
 
         policy = Policy(hang=args.hang_timeout, retries=args.retries, backoff=args.backoff)
-        devices = args.devices.split(",") if args.devices else [None]
-        if len(devices) == 1:
-            run_worker(queue.home, devices[0], once=args.once, policy=policy)
-        else:  # one worker process per GPU, all on the same queue
+        devices, n = (args.devices.split(",") if args.devices else []), args.per_worker
+        if len(devices) % n:
+            raise DreamloomError(f"--devices {args.devices} cannot be split into workers of --per-worker {n} GPUs; "
+                                 f"give a multiple of {n} devices.")
+        groups = [",".join(devices[i:i + n]) for i in range(0, len(devices), n)] or [None]
+        if len(groups) == 1:
+            run_worker(queue.home, groups[0], once=args.once, policy=policy)
+        else:  # one worker process per group of GPUs, all on the same queue
             import subprocess
 
             procs = [subprocess.Popen([sys.executable, "-m", "dreamloom", "jobs", "worker", "--home",
-                                       str(queue.home), "--devices", d, "--hang-timeout", str(args.hang_timeout),
-                                       "--retries", str(args.retries), "--backoff", str(args.backoff)]
-                                      + (["--once"] if args.once else []))
-                     for d in devices]
+                                       str(queue.home), "--devices", group, "--per-worker", str(n),
+                                       "--hang-timeout", str(args.hang_timeout), "--retries", str(args.retries),
+                                       "--backoff", str(args.backoff)] + (["--once"] if args.once else []))
+                     for group in groups]
             return max(p.wait() for p in procs)
     return 0
 
@@ -497,7 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", help="submit: folder for the run directory (default: <home>/runs)")
     p.add_argument("--lines", type=int, default=40, help="logs: how many lines")
+    p.add_argument("--gpus", type=positive_int, help="submit: processes (GPUs) the run trains on (train.processes)")
     p.add_argument("--devices", help="worker: comma-separated GPU ids, one worker each (e.g. 0,1)")
+    p.add_argument("--per-worker", dest="per_worker", type=positive_int, default=1,
+                   help="worker: GPUs each worker owns (--devices 0,1,2,3 --per-worker 2: two workers that each "
+                        "take jobs of up to 2 GPUs)")
     p.add_argument("--once", action="store_true", help="worker: stop when the queue is empty")
     p.add_argument("--hang-timeout", dest="hang_timeout", type=finite_float, default=300.0,
                    help="worker: seconds without a heartbeat after which a job's process counts as hung and is "

@@ -13,6 +13,7 @@ resume all read.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from datetime import datetime
@@ -25,6 +26,13 @@ from .recipes import Recipe, dump_recipe, recipe_from_file
 
 MARKER = "run.json"
 CHECKPOINT_PREFIX = "step-"
+
+
+
+def main_process() -> bool:
+    """False in the other processes of a run launched on several (`accelerate launch` sets RANK):
+    the main one alone writes the run's record, which is the same for all of them."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 class RunDir:
@@ -95,6 +103,8 @@ class RunDir:
         return self.path / "events.jsonl"
 
     def log(self, event: str, **fields) -> None:
+        if not main_process():
+            return
         record = {"event": event, "time": round(time.time(), 3), **fields}
         with open(self.events_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -113,6 +123,11 @@ class RunDir:
 
     def is_finished(self) -> bool:
         return any(e["event"] == "end" for e in self.events())
+
+    def stopped(self) -> bool:
+        """Its trainer's last word was a stop on request (with a checkpoint)."""
+        events = self.events()
+        return bool(events) and events[-1]["event"] == "stopped"
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:08d}"

@@ -39,14 +39,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until REAL,                -- a running job's worker renews this; once past, another worker takes it
     attempts INTEGER NOT NULL DEFAULT 0,  -- how many times a worker has started it
     not_before REAL,                 -- a retried job waits until then (backoff)
-    submitted_by TEXT                -- who queued it: the studio login's name, or the CLI's user
+    submitted_by TEXT,               -- who queued it: the studio login's name, or the CLI's user
+    processes INTEGER NOT NULL DEFAULT 1  -- train.processes: a worker owning fewer GPUs leaves it
 )
 """
 # columns newer than some queues on disk
 ADDED_COLUMNS = {"command": "TEXT", "lease_until": "REAL", "attempts": "INTEGER NOT NULL DEFAULT 0",
                  "not_before": "REAL",
-                 "submitted_by": "TEXT"}
-SCHEMA_VERSION = 3  # PRAGMA user_version: a queue written by a newer dreamloom is refused, never rewritten
+                 "submitted_by": "TEXT", "processes": "INTEGER NOT NULL DEFAULT 1"}
+SCHEMA_VERSION = 4  # PRAGMA user_version: a queue written by a newer dreamloom is refused, never rewritten
 LEASE_SECONDS = 60.0  # a worker that has not renewed its job's lease for this long has lost it
 MAX_ATTEMPTS = 3  # a job that failed this many times (a crash, a hang; never bad input) stays failed
 BACKOFF_SECONDS = 30.0  # the wait before attempt 2; doubled for each next one
@@ -76,6 +77,7 @@ class Job:
     attempts: int = 0
     not_before: float | None = None
     submitted_by: str | None = None
+    processes: int = 1
 
     @property
     def arguments(self) -> list[str] | None:
@@ -181,8 +183,9 @@ class JobQueue:
     def submit(self, recipe: Recipe, out_root: str | Path, by: str | None = None) -> int:
         if not recipe.data.path and not recipe.data.folders:
             raise DreamloomError("the job's recipe has no data.path (nor [[data.folders]]): pick a dataset first.")
-        cur = self._write("INSERT INTO jobs (name, recipe, out_root, created, submitted_by) VALUES (?, ?, ?, ?, ?)",
-                          (recipe.name, dump_recipe(recipe), str(Path(out_root).resolve()), time.time(), by))
+        cur = self._write("INSERT INTO jobs (name, recipe, out_root, created, submitted_by, processes) "
+                          "VALUES (?, ?, ?, ?, ?, ?)", (recipe.name, dump_recipe(recipe), str(Path(out_root).resolve()),
+                                                        time.time(), by, recipe.train.processes))
         return cur.lastrowid
 
     def submit_command(self, name: str, arguments: list[str], by: str | None = None) -> int:
@@ -203,15 +206,17 @@ class JobQueue:
         return Job(**dict(row))
 
     def claim(self, worker_pid: int, device: str | None = None, lease: float = LEASE_SECONDS) -> Job | None:
-        """Take the oldest job that may run now: queued (and past its backoff), or running under a
-        lease its worker stopped renewing (a hung worker; its trainer is stopped first). The write
+        """Take the oldest job that may run now and fits the worker's devices (`device`: CUDA ids
+        like "0,1"; None: the machine's, no limit): queued (and past its backoff), or running under
+        a lease its worker stopped renewing (a hung worker; its trainer is stopped first). The write
         lock makes two workers never take the same one."""
         now = time.time()
+        owned = len(device.split(",")) if device else 1 << 30
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT id, state, trainer_pid FROM jobs WHERE (state = 'queued' AND (not_before IS NULL "
-                             "OR not_before <= ?)) OR (state = 'running' AND lease_until < ?) ORDER BY id LIMIT 1",
-                             (now, now)).fetchone()
+            row = db.execute("SELECT id, state, trainer_pid FROM jobs WHERE ((state = 'queued' AND (not_before IS NULL "
+                             "OR not_before <= ?)) OR (state = 'running' AND lease_until < ?)) AND processes <= ? "
+                             "ORDER BY id LIMIT 1", (now, now, owned)).fetchone()
             if row is not None:
                 db.execute("UPDATE jobs SET state = 'running', worker_pid = ?, device = ?, started = ?, lease_until = ?, "
                            "attempts = attempts + 1, not_before = NULL, trainer_pid = NULL, error = NULL WHERE id = ?",
@@ -255,6 +260,8 @@ class JobQueue:
         running = sum(1 for j in jobs if j.state == "running")
         ahead = sum(1 for j in jobs if j.state == "queued" and j.id < job.id)
         line = f"{ahead} queued ahead" if ahead else "next in line"
+        if job.processes > 1:
+            line += f"; needs a worker of {job.processes} GPUs (jobs worker --devices 0,1 --per-worker 2)"
         return f"{line}; waiting for a free worker ({running} running)" if running else line
 
     def update(self, job_id: int, **fields) -> None:

@@ -48,7 +48,7 @@ def job_from_run(run: RunDir) -> dict | None:
     try:
         recipe_text = (run.path / "recipe.toml").read_text()
         events = run.events()
-        name = run.recipe().name
+        recipe = run.recipe()
     except Exception:  # a recipe this version cannot read: the folder stays where it is, unlisted
         return None
     kinds = [e["event"] for e in events]
@@ -59,7 +59,7 @@ def job_from_run(run: RunDir) -> dict | None:
         error = "recovered from its run directory after the job queue was damaged; Resume continues it"
     created = (run.path / MARKER).stat().st_mtime
     finished = events[-1]["time"] if events else created
-    return {"name": name, "state": state, "recipe": recipe_text, "out_root": str(run.path.parent),
+    return {"name": recipe.name, "processes": recipe.train.processes, "state": state, "recipe": recipe_text, "out_root": str(run.path.parent),
             "run_dir": str(run.path), "error": error, "created": created, "finished": finished}
 
 

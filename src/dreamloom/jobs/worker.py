@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import DreamloomError, TrainingStopped
 from ..recipes.io import recipe_from_text
 from ..rundir import MARKER, RunDir
+from ..trainers.launch import trainer_command
 from .heartbeat import ENV as HEARTBEAT_ENV
 from .heartbeat import silence
 from .queue import BACKOFF_SECONDS, LEASE_SECONDS, MAX_ATTEMPTS, Job, JobQueue, stop_process
@@ -41,10 +42,6 @@ def job_run(queue: JobQueue, job: Job) -> RunDir:
     run = RunDir.create(job.out_root, recipe_from_text(job.recipe, f"of job {job.id}"))
     queue.update(job.id, run_dir=str(run.path))
     return run
-
-
-def train_command(run: RunDir) -> list[str]:
-    return [sys.executable, "-m", "dreamloom.trainers", str(run.path)]
 
 
 HANG_SECONDS = 300.0  # a process whose heartbeat has been silent this long is hung, not busy
@@ -85,7 +82,7 @@ def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5, po
         if run.is_finished():  # its trainer ended but the worker died before it could say so
             queue.finish(job.id, "finished")
             return "finished"
-        command, where = train_command(run), f" in {run.path}"
+        command, where = trainer_command(run.path, job.processes), f" in {run.path}"
     heartbeat = log.with_suffix(".heartbeat")
     heartbeat.touch()
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{HEARTBEAT_ENV: str(heartbeat)})
@@ -120,7 +117,8 @@ def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5, po
         return retry(f"hung (no heartbeat for {hang:.0f} s)")
     if proc.returncode == 0 and (run is None or run.is_finished()):
         state, error = "finished", None
-    elif asked_to_stop and (proc.returncode == TrainingStopped.exit_code or job.arguments is not None):
+    elif asked_to_stop and (proc.returncode == TrainingStopped.exit_code or job.arguments is not None
+                            or run.stopped()):  # the launcher of several processes has its own exit code
         state, error = "cancelled", None
     elif proc.returncode == BAD_INPUT:
         state, error = "failed", tail

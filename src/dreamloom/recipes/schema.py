@@ -50,6 +50,9 @@ class RecipeRules(Section):
         if t.weights_dtype == "bf16" and not (t.fused_backward and t.mixed_precision in ("bf16", "auto")):
             raise ValueError("train.weights_dtype = 'bf16' needs train.fused_backward = true and "
                              "train.mixed_precision = 'bf16' (or 'auto' on a bf16 GPU)")
+        if t.fused_backward and t.processes > 1:
+            raise ValueError("train.fused_backward steps each weight before its gradient is averaged across "
+                             "processes; use it with train.processes = 1")
         if t.fused_backward and t.mixed_precision == "fp16":
             raise ValueError("train.fused_backward cannot use fp16 loss scaling; use mixed_precision 'bf16' or 'no'")
         if self.prior.enabled and not self.prior.class_data and "{class_word}" in self.prior.class_prompt \

@@ -94,7 +94,10 @@ class DataSection(Section):
 
 class TrainSection(Section):
     steps: int = Field(1000, ge=1)
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(1, ge=1, description="pictures per step in each process (the global batch is "
+                            "batch_size x processes)")
+    processes: int = Field(1, ge=1, description="processes of one run (one per GPU, data parallel through "
+                           "`accelerate launch`; on a machine without GPUs, CPU processes over gloo)")
     gradient_accumulation: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     text_encoder_lr: float | None = Field(None, gt=0, description="defaults to learning_rate")

@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     def train() -> int:
         from .run import train_run
 
+        from ..rundir import main_process
+
         run, exports = train_run(args.run)
+        if not main_process():  # the main process speaks for all
+            return 0
         print(f"finished: {run.path}")
         for path in exports:
             print(f"export: {path}")

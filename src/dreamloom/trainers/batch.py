@@ -20,6 +20,26 @@ class Batch:
     original_size: torch.Tensor | None = None  # [B, 2] each picture's (height, width) before it was resized
     crop_top_left: torch.Tensor | None = None  # [B, 2] where its crop starts in the resized picture
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss weights in latent space (data.masked_loss)
+    part: tuple[int, int] | None = None  # (rank, processes): the rows this process trains on, of a global batch
+
+    def own_rows(self) -> slice:
+        rank, processes = self.part
+        n = len(self.captions) // processes
+        return slice(rank * n, (rank + 1) * n)
+
+    def shard(self) -> "Batch":
+        """This process's rows of the global batch, weighted so that the gradients the processes
+        average equal one process's gradient on the whole batch. Noise and timesteps are drawn for
+        the whole batch first (see noise_loss), so every row sees what a single process would draw."""
+        rows, processes = self.own_rows(), self.part[1]
+        whole = self.weights if self.weights is not None else torch.full((len(self.captions),), 1 / len(self.captions))
+
+        def cut(t):
+            return None if t is None else t[rows]
+
+        return Batch(self.latents[rows], tuple(t[rows] for t in self.tokens), self.captions[rows], self.generator,
+                     self.cond.rows(rows) if self.cond is not None else None, whole[rows] * processes,
+                     cut(self.original_size), cut(self.crop_top_left), cut(self.mask))
 
     def with_prior(self, prior: "Batch", prior_weight: float) -> "Batch":
         """Instance and class examples in one step: loss = instance mean + weight * class mean."""

@@ -8,7 +8,7 @@ data.buckets its aspect-ratio bucket at each. All examples of a batch share thei
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,10 +36,12 @@ class TrainingData:
     """One stream of examples: the instance images, or (with its own seed) the class images."""
 
     def __init__(self, items: list[DataItem], recipe, base, seed: int | None = None, repeats: int | None = None,
-                 sizes: list[tuple[int, int]] | None = None):
+                 sizes: list[tuple[int, int]] | None = None, processes: int = 1):
         """`sizes`: class pictures, prepared at every size of the instance examples; each batch of
-        them comes at the size of the instance batch it joins (see `batch`)."""
+        them comes at the size of the instance batch it joins (see `batch`). `processes`: the
+        batches are global ones, batch_size per process (each process trains on its share)."""
         self.items, self.recipe, self.base = items, recipe, base
+        self.batch_size = recipe.train.batch_size * processes
         self.seed = recipe.train.seed if seed is None else seed
         data = recipe.data
         self.sizes = sizes
@@ -58,7 +60,7 @@ class TrainingData:
         per_size: dict[tuple[int, int], int] = {}
         for e in self.expanded.tolist():
             per_size[self.examples[e].size] = per_size.get(self.examples[e].size, 0) + 1
-        self.batches_per_epoch = sum(math.ceil(n / recipe.train.batch_size) for n in per_size.values())
+        self.batches_per_epoch = sum(math.ceil(n / self.batch_size) for n in per_size.values())
         self._epoch: tuple[int | None, object] = (None, None)
         family = base.family
         self.tokens = family.tokenize(base, [item.caption for item in items])
@@ -113,7 +115,7 @@ class TrainingData:
     def _batches(self, order: torch.Tensor, g: torch.Generator) -> list[list[int]]:
         """Shuffled examples grouped by size into batches (a short last one filled from its group's
         start), the batches shuffled too."""
-        n = self.recipe.train.batch_size
+        n = self.batch_size
         groups: dict[tuple[int, int], list[int]] = {}
         for e in order.tolist():
             groups.setdefault(self.examples[e].size, []).append(e)
@@ -129,8 +131,8 @@ class TrainingData:
         if not self.one_size:
             epoch, position = divmod(k, self.batches_per_epoch)
             return self._schedule(epoch)[position]
-        first = k * train.batch_size
-        return [int(self._schedule(j // self.size)[j % self.size]) for j in range(first, first + train.batch_size)]
+        first = k * self.batch_size
+        return [int(self._schedule(j // self.size)[j % self.size]) for j in range(first, first + self.batch_size)]
 
     def _center(self, e: int) -> tuple[int, int]:
         item, size = self.items[self.examples[e].item], self.examples[e].size
@@ -209,12 +211,14 @@ class TrainingStream:
     """The batches a step trains on: the instance images, merged with the class images of prior
     preservation when there are any (loss = instance mean + class_weight * class mean)."""
 
-    def __init__(self, data: TrainingData, classes: TrainingData | None = None, class_weight: float = 1.0):
-        self.data, self.classes, self.class_weight = data, classes, class_weight
+    def __init__(self, data: TrainingData, classes: TrainingData | None = None, class_weight: float = 1.0,
+                 part: tuple[int, int] | None = None):
+        """`part`: (rank, processes) of a run on several processes; each trains on its rows."""
+        self.data, self.classes, self.class_weight, self.part = data, classes, class_weight, part
 
     def batch(self, step: int, micro: int = 0) -> Batch:
         batch = self.data.batch(step, micro)
         if self.classes is not None:  # at the instance batch's size: (latent sides) x the VAE's scale
             size = (batch.latents.shape[-1] * self.data.latent_scale, batch.latents.shape[-2] * self.data.latent_scale)
             batch = batch.with_prior(self.classes.batch(step, micro, size), self.class_weight)
-        return batch
+        return replace(batch, part=self.part) if self.part else batch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 import time
 import traceback
 from contextlib import ExitStack, nullcontext, suppress
@@ -110,12 +111,13 @@ def set_up(run, base, items) -> TrainState:
     for note in recipe.notes(base.arch):
         run.log("warning", message=note)
 
-    precision = resolve_mixed_precision(t.mixed_precision, PartialState().device)
+    cpu = processes_without_gpus()
+    precision = resolve_mixed_precision(t.mixed_precision, PartialState(cpu=cpu).device)
     if t.weights_dtype == "bf16" and precision != "bf16":
         raise RecipeError("train.weights_dtype = 'bf16' needs bf16 mixed precision, which this device lacks.")
     AcceleratorState._reset_state()  # a process (a test, the studio) may train runs of differing precision
     trackers = dict(log_with=t.log_with, project_dir=str(run.path / "logs")) if t.log_with else {}
-    accelerator = Accelerator(mixed_precision=precision, **trackers)
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, **trackers)
     if t.fused_backward and accelerator.num_processes > 1:
         raise RecipeError("train.fused_backward steps weights before gradients are averaged across GPUs; "
                           "turn it off for multi-GPU runs.")
@@ -134,10 +136,11 @@ def set_up(run, base, items) -> TrainState:
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(base, parts)
     cast_for_precision(base, WEIGHT_DTYPES[precision], keep_trained=t.weights_dtype == "bf16")
-    data = TrainingData(items.train, recipe, base)
+    processes = accelerator.num_processes
+    data = TrainingData(items.train, recipe, base, processes=processes)
     if class_list:  # each batch of class pictures comes at the size of the instance batch it joins
         sizes = list(dict.fromkeys(e.size for e in data.examples))
-        classes = TrainingData(class_list, recipe, base, seed=t.seed + 1, repeats=1, sizes=sizes)
+        classes = TrainingData(class_list, recipe, base, seed=t.seed + 1, repeats=1, sizes=sizes, processes=processes)
     validation = TrainingData(items.validation, recipe, base, seed=t.seed + 2, repeats=1) if items.validation else None
     if accelerator.device.type == "cuda":  # latents and captions are cached: those parts wait in CPU memory
         offload_cached(base, data.cached, data.cond is not None)
@@ -154,13 +157,14 @@ def set_up(run, base, items) -> TrainState:
     latest = run.latest_checkpoint()
     start = load_checkpoint(accelerator, latest) if latest is not None else 0
     method.before_step(base, start)
-    loss_before = measure_loss(method, base, data) if start == 0 else first_loss(run)
+    loss_before = measure_loss(method, unwrapped(base), data) if start == 0 else first_loss(run)
     run.log("start", method=method.name, base=base.spec, steps=t.steps, resumed_from=start,
             device=str(accelerator.device), mixed_precision=precision, images=len(items.train),
             validation_images=len(items.validation), buckets=len({e.size for e in data.examples}),
             class_images=len(classes.items) if classes else 0,
             trainable_params=sum(p.numel() for p in params), loss_before=loss_before)
-    stream = TrainingStream(data, classes, recipe.prior.loss_weight)
+    part = (accelerator.process_index, processes) if processes > 1 else None
+    stream = TrainingStream(data, classes, recipe.prior.loss_weight, part)
     state = TrainState(run, recipe, method, base, accelerator, modules, optimizer, lr_scheduler, stream, validation,
                        params, ema, start, loss_before, StepFlops(accelerator.device, precision))
     start_trackers(accelerator, recipe)
@@ -188,6 +192,8 @@ def train_step(state: TrainState, step: int) -> float:
                 loss = state.method.loss(state.base, state.stream.batch(step, micro)) / t.gradient_accumulation
                 accelerator.backward(loss)
             step_loss += loss.item()
+    if accelerator.num_processes > 1:  # each process's loss is its rows' share of the whole batch's
+        step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
     if not math.isfinite(step_loss):  # training on would only spread the NaN through every weight
         raise DreamloomError(
             f"the loss became {step_loss} at step {step + 1}: the weights would be ruined, so training stopped (checkpoints "
@@ -209,7 +215,7 @@ def log_step(state: TrainState, done: int, loss: float, timer: tuple[float, int]
     now = time.perf_counter()
     it_s = (done - timer[1]) / max(now - timer[0], 1e-9)
     state.run.log("step", step=done, loss=loss, lr=state.lr, it_s=round(it_s, 3),
-                  images_s=round(it_s * t.batch_size * t.gradient_accumulation, 3),
+                  images_s=round(it_s * t.batch_size * t.gradient_accumulation * state.accelerator.num_processes, 3),
                   peak_mem_mb=round(peak_memory_mb(state.accelerator.device), 1), **state.flops.mfu(it_s))
     state.accelerator.log({"loss": loss, "lr": state.lr, "it_s": it_s}, step=done)
     return now, done
@@ -220,12 +226,13 @@ def between_steps(state: TrainState, done: int, stop: StopRequest) -> None:
     checkpoint; validation samples when due (and at checkpoints with sample.at_checkpoints)."""
     t, run = state.recipe.train, state.run
     due = bool(t.checkpoint_every and done % t.checkpoint_every == 0)
-    if stop.requested or due:
+    stopping = agreed(state.accelerator, stop.requested)
+    if stopping or due:
         path = save_checkpoint(state.accelerator, run, done, t.keep_checkpoints)
         run.log("checkpoint", step=done, path=str(path))
     if due:  # before a stop too: a resumed run starts after this step and would never measure it
         log_validation(state, done)
-    if stop.requested:
+    if stopping:
         raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
                               f"continue with `dreamloom train --resume {run.path}`")
     sample_due = (t.sample_every and done % t.sample_every == 0) or (due and state.recipe.sample.at_checkpoints)
@@ -234,16 +241,31 @@ def between_steps(state: TrainState, done: int, stop: StopRequest) -> None:
             save_samples(run, state.recipe, state.base, done, state.accelerator)
 
 
+def processes_without_gpus() -> bool:
+    """Several processes launched on a machine without a GPU: they train on the CPU, over gloo."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def agreed(accelerator, requested: bool) -> bool:
+    """A stop one process was asked for (a signal reaches each at its own moment) is taken by all
+    at the same step: their checkpoint is one collective save."""
+    if accelerator.num_processes == 1:
+        return requested
+    flag = torch.tensor(float(requested), device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
 def log_validation(state: TrainState, step: int) -> None:
     """The loss on the held-out pictures, at the same noise and timesteps every time (so that the
     checkpoints' figures compare), with the trained parts in eval mode (no dropout)."""
     if state.validation is None or not state.accelerator.is_main_process:
-        return
+        return  # the main process alone: through the unwrapped parts (DDP's forward would wait for the others)
     training = [m.training for m in state.modules]
     for module in state.modules:
         module.eval()
     with state.ema.applied() if state.ema else nullcontext():
-        loss = measure_loss(state.method, state.base, state.validation, n=max(16, len(state.validation.examples)))
+        loss = measure_loss(state.method, unwrapped(state.base), state.validation,
+                            n=max(16, len(state.validation.examples)))
     for module, was in zip(state.modules, training):
         module.train(was)
     state.run.log("validation", step=step, loss=loss)
@@ -262,7 +284,7 @@ def finish(state: TrainState) -> list:
         for module in state.modules:
             module.eval()
         with state.ema.applied() if state.ema else nullcontext():  # samples and exports show the EMA weights
-            loss_after = measure_loss(state.method, state.base, state.stream.data)
+            loss_after = measure_loss(state.method, unwrapped(state.base), state.stream.data)
             save_samples(run, state.recipe, state.base, t.steps, accelerator)
             exports = state.method.export(unwrapped(state.base), run, state.recipe.export.formats)
         run.log("export", paths=[str(p) for p in exports])

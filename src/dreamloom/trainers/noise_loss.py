@@ -35,6 +35,9 @@ def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: t
         noise += train.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g)
     if timesteps is None:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    if batch.part is not None:  # several processes: drawn for the whole batch above, this process's rows kept
+        rows = batch.own_rows()
+        latents, noise, timesteps, batch = latents[rows], noise[rows], timesteps[rows], batch.shard()
     noise, timesteps = noise.to(device), timesteps.to(device)
 
     noisy = scheduler.add_noise(latents, noise, timesteps)

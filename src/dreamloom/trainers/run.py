@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 
 from ..datasets.sources import DataSplit
 from ..errors import DreamloomError, RecipeError
-from ..rundir import RunDir
+from ..rundir import RunDir, main_process
 from ..models import parse_base_spec, spec_arch
 from ..models.base import load_recipe_base, meta_base
 from ..paths import check_writable_folder
@@ -79,7 +79,7 @@ def train_run(path: str | Path, base=None, items=None) -> tuple[RunDir, list[Pat
                              f"Re-export it with `dreamloom export {run.path}`.")
     if items is None:
         items = check_run_inputs(run.recipe())
-        if not run.dataset_manifest():
+        if not run.dataset_manifest() and main_process():
             run.write_manifest(items.train)
     return run, train(run, base=base, items=items)
 
