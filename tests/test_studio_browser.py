@@ -157,6 +157,9 @@ def test_first_session_in_a_real_browser(studio, tmp_path):
             page.get_by_text(f"{TRIGGER}-lora.safetensors at strength 1", exact=True).wait_for(timeout=180 * SECOND)
             tried = page.locator("[data-testid=stImage] img").last
             assert tried.evaluate(LOADED_WIDTH) > 64  # the base alone beside the LoRA
+        except sync_api.TimeoutError:
+            print("alerts on the page:", page.locator("[data-testid=stAlert]").all_inner_texts())
+            raise
         finally:
             browser.close()
 

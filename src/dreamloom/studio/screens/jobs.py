@@ -50,19 +50,25 @@ def job_actions(job) -> None:
 
 def export_checkpoint(job, steps: list[int]) -> None:
     """Export one checkpoint into the run's exports/step-N, in a separate process (a large base never
-    loads into the studio's)."""
+    loads into the studio's). Its outcome is kept in the session: any rerun while or after it runs
+    (a widget, a refresh) would otherwise wipe a message drawn only on the click's run."""
     left, right = st.columns([1, 2], vertical_alignment="bottom")
     step = left.selectbox("Checkpoint", steps, index=len(steps) - 1, key=f"checkpoint-{job.id}",
                           format_func=lambda s: f"step {s}")
+    outcome_key = f"exported-{job.id}"
     if right.button("Export this checkpoint", icon=":material/file_export:", key=f"export-{job.id}",
                     help="Writes its files into the run's exports/step-N; they appear in the Library."):
         with st.spinner(f"Exporting the checkpoint of step {step}..."):
             done = subprocess.run([sys.executable, "-m", "dreamloom", "export", str(job.run_dir), "--step", str(step),
                                    "--overwrite"], capture_output=True, text=True)
-        if done.returncode == 0:
+        st.session_state[outcome_key] = (done.returncode == 0, step,
+                                         (done.stderr.strip().splitlines() or ["export failed"])[-1])
+    if outcome_key in st.session_state:
+        exported, step, last_line = st.session_state[outcome_key]
+        if exported:
             st.success(f"Exported step {step}: it is in the Library.")
         else:
-            st.error(literal((done.stderr.strip().splitlines() or ["export failed"])[-1]))
+            st.error(literal(f"Exporting step {step} failed: {last_line}"))
 
 
 def command_detail(job) -> None:
