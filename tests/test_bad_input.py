@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import socket
 
 import pytest
 import torch
@@ -220,3 +221,15 @@ def test_a_studio_beyond_this_machine_needs_a_password(tmp_path, monkeypatch, ca
     err = run_cli(["studio", "--password-file", str(tmp_path / "short"), "--home", str(tmp_path / "home")], capsys)
     assert "shorter than 8" in err and str(tmp_path / "short") in err
     assert not (tmp_path / "home").exists()  # refused before anything was made
+
+
+def test_a_ray_worker_needs_a_cluster_that_answers(tmp_path, capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    err = run_cli(["jobs", "worker", "--home", str(tmp_path / "home"), "--ray", address, "--once"], capsys)
+    assert f"--ray {address}: no Ray cluster answers there" in err and "ray start --head" in err
+    err = run_cli(["jobs", "worker", "--home", str(tmp_path / "home"), "--ray", "head-node", "--once"], capsys)
+    assert "HOST:PORT" in err
+    err = run_cli(["jobs", "worker", "--home", str(tmp_path / "home"), "--ray", address, "--devices", "0"], capsys)
+    assert "--ray and --devices" in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -37,6 +38,21 @@ def test_a_job_killed_before_its_first_checkpoint_finishes_in_its_own_run_dir(tm
     assert job.run_dir == str(first.path) and list((tmp_path / "runs").iterdir()) == [first.path]
     run = RunDir.open(job.run_dir)
     assert run.is_finished() and any(run.exports.iterdir())
+
+
+def test_workers_starting_jobs_at_one_instant_get_a_run_directory_each(tmp_path, subject_dir):
+    """A Ray worker starts several jobs at once (a local worker per GPU can too): each gets its own."""
+    same, start, made = recipe(subject_dir), threading.Barrier(6), []
+
+    def make():
+        start.wait()
+        made.append(RunDir.create(tmp_path / "runs", same).path)
+    threads = [threading.Thread(target=make) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == 6 and all((path / "run.json").is_file() for path in made)
 
 
 def finished_and_unfinished_runs(home, subject_dir):

@@ -195,6 +195,13 @@ def cmd_jobs(args) -> int:
         from .jobs.worker import Policy, run_worker
 
         policy = Policy(hang=args.hang_timeout, retries=args.retries, backoff=args.backoff)
+        if args.ray:
+            if args.devices:
+                raise DreamloomError("--ray and --devices: a Ray cluster places jobs on its own GPUs; give one of them.")
+            from .jobs.ray_worker import serve_on_ray
+
+            serve_on_ray(queue.home, args.ray, policy, once=args.once)
+            return 0
         devices, n = (args.devices.split(",") if args.devices else []), args.per_worker
         if len(devices) % n:
             raise DreamloomError(f"--devices {args.devices} cannot be split into workers of --per-worker {n} GPUs; "
@@ -234,8 +241,8 @@ def cmd_studio(args) -> int:
     # the password itself goes to no process: the server gets only its salted hash
     env = {k: v for k, v in dict(os.environ, DREAMLOOM_HOME=str(home)).items() if k != PASSWORD_ENV}
     # Its own session: Ctrl-C reaches only the server, and the worker is stopped below, quietly.
-    worker = subprocess.Popen([sys.executable, "-m", "dreamloom", "jobs", "worker", "--home", str(home)], env=env,
-                              start_new_session=True)
+    worker = subprocess.Popen([sys.executable, "-m", "dreamloom", "jobs", "worker", "--home", str(home)]
+                              + (["--ray", args.ray] if args.ray else []), env=env, start_new_session=True)
     app = Path(__file__).parent / "studio" / ("shared_app.py" if password else "app.py")
     command = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
                "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
@@ -517,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-worker", dest="per_worker", type=positive_int, default=1,
                    help="worker: GPUs each worker owns (--devices 0,1,2,3 --per-worker 2: two workers that each "
                         "take jobs of up to 2 GPUs)")
+    p.add_argument("--ray", metavar="ADDRESS", help="worker: run the jobs on the Ray cluster at ADDRESS (host:port "
+                   "of `ray start --head`); the home folder must be one every node sees at the same path")
     p.add_argument("--once", action="store_true", help="worker: stop when the queue is empty")
     p.add_argument("--hang-timeout", dest="hang_timeout", type=finite_float, default=300.0,
                    help="worker: seconds without a heartbeat after which a job's process counts as hung and is "
@@ -533,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", help="studio home folder (default: $DREAMLOOM_HOME or ~/.dreamloom)")
     p.add_argument("--password-file", help="a file holding the team's password: every page, upload and download "
                    "then needs a login (also $DREAMLOOM_PASSWORD); required with a --host beyond this machine")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the studio's jobs on the Ray cluster at ADDRESS (see "
+                   "`jobs worker --ray`) instead of on this machine")
     p.set_defaults(func=cmd_studio)
 
     p = sub.add_parser("toy", help="the toy world: subject pictures, pretraining of the toy base, its bar")

@@ -44,12 +44,15 @@ class RunDir:
     def create(cls, out_root: str | Path, recipe: Recipe) -> "RunDir":
         out_root = Path(out_root)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = out_root / f"{recipe.name}-{stamp}"
-        n = 1
-        while path.exists():  # never reuse (and so never overwrite) an existing run
-            n += 1
-            path = out_root / f"{recipe.name}-{stamp}-{n}"
-        path.mkdir(parents=True)
+        out_root.mkdir(parents=True, exist_ok=True)
+        path, n = out_root / f"{recipe.name}-{stamp}", 1
+        while True:  # never reuse (and so never overwrite) a run, also one made this instant by another worker
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                path = out_root / f"{recipe.name}-{stamp}-{n}"
         run = cls(path)
         atomic_write(path / "recipe.toml", dump_recipe(recipe))
         atomic_write(path / MARKER, json.dumps({"dreamloom": __version__, "created": time.time()}))
@@ -123,6 +126,12 @@ class RunDir:
 
     def is_finished(self) -> bool:
         return any(e["event"] == "end" for e in self.events())
+
+    @property
+    def stop_file(self) -> Path:
+        """Written by whoever runs the trainer where no signal reaches it (a Ray cluster) to ask
+        for a stop with a checkpoint; removed by them before the next start."""
+        return self.path / "stop-requested"
 
     def stopped(self) -> bool:
         """Its trainer's last word was a stop on request (with a checkpoint)."""

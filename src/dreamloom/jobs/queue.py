@@ -205,13 +205,14 @@ class JobQueue:
             raise DreamloomError(f"no job {job_id} in {self.path}; `dreamloom jobs list` shows them.")
         return Job(**dict(row))
 
-    def claim(self, worker_pid: int, device: str | None = None, lease: float = LEASE_SECONDS) -> Job | None:
+    def claim(self, worker_pid: int, device: str | None = None, lease: float = LEASE_SECONDS,
+              room: int | None = None) -> Job | None:
         """Take the oldest job that may run now and fits the worker's devices (`device`: CUDA ids
-        like "0,1"; None: the machine's, no limit): queued (and past its backoff), or running under
-        a lease its worker stopped renewing (a hung worker; its trainer is stopped first). The write
-        lock makes two workers never take the same one."""
+        like "0,1"; None: the machine's, no limit; `room`: the free slots of a Ray cluster): queued
+        (and past its backoff), or running under a lease its worker stopped renewing (a hung worker;
+        its trainer is stopped first). The write lock makes two workers never take the same one."""
         now = time.time()
-        owned = len(device.split(",")) if device else 1 << 30
+        owned = room if room is not None else len(device.split(",")) if device else 1 << 30
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT id, state, trainer_pid FROM jobs WHERE ((state = 'queued' AND (not_before IS NULL "

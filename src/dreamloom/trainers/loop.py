@@ -65,7 +65,7 @@ class TrainState:
 def train(run, base: Base | None = None, items: DataSplit | None = None) -> list:
     """Train the run's recipe to the end, from its latest checkpoint if it has one; returns the
     exported files. Every event lands in the run's events.jsonl."""
-    stop = StopRequest()
+    stop = StopRequest(run.stop_file)
     try:
         state = set_up(run, base, items)
         t = state.recipe.train

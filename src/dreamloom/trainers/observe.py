@@ -7,6 +7,7 @@ from __future__ import annotations
 import resource
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
@@ -58,22 +59,28 @@ def save_samples(run, recipe, base, step: int, accelerator) -> None:
 class StopRequest:
     """SIGTERM (a cancel from the job queue, the worker's death, `kill`) and Ctrl-C ask training to
     stop after the current step, with a checkpoint, rather than losing the work since the last one.
-    A second Ctrl-C stops at once."""
+    A second Ctrl-C stops at once. A trainer that runs in a thread of another program (a Ray
+    worker), where signals cannot be caught, is asked through the run's stop file instead."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, stop_file: Path | None = None):
+        self.signalled = False
+        self.stop_file = stop_file
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
+    @property
+    def requested(self) -> bool:
+        return self.signalled or bool(self.stop_file and self.stop_file.exists())
+
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
-            if self.requested:
+            if self.signalled:
                 raise KeyboardInterrupt
             print("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)", flush=True)
-        self.requested = True
+        self.signalled = True
 
     def close(self):
         for sig, handler in self.previous.items():
