@@ -5,7 +5,7 @@ TORCH_VERSION ?= 2.13.0
 # Exact versions the suite passed with (pip constraints); `make lock` refreshes it.
 LOCK := src/dreamloom/requirements.lock
 
-.PHONY: install run demo test lock clean
+.PHONY: install run demo test soak lock clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The queue under random SIGKILLs: 3 workers, 30 jobs (minutes of CPU; BENCHMARKS.md).
+soak: install
+	$(PY) tools/soak.py
 
 # The newest versions pyproject.toml allows, in a fresh venv; the lock is rewritten only if the
 # whole suite passes with them.
