@@ -114,27 +114,29 @@ class RayWorker:
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise DreamloomError(f"--ray {address}: no Ray cluster answers there ({exc}). Start one with "
                                  f"`ray start --head` and give the address it prints.") from None
-        resources = ray.cluster_resources()
         # a GPU cluster runs one rank per GPU; a CPU cluster (tests, a try) one rank per CPU
-        self.use_gpu = resources.get("GPU", 0) > 0
-        self.slots = int(resources.get("GPU" if self.use_gpu else "CPU", 0))
-        if self.slots == 0:
+        self.use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        if self.slots() == 0:
             raise DreamloomError(f"--ray {address}: the cluster has no CPU or GPU to run jobs on yet; add a node "
                                  f"(`ray start --address {address}`).")
         self.running: dict[int, threading.Thread] = {}
         self.held: dict[int, int] = {}  # job id -> the slots it holds
+
+    def slots(self) -> int:
+        """What the cluster holds now: nodes that join (or leave) after the start count."""
+        return int(self.ray.cluster_resources().get("GPU" if self.use_gpu else "CPU", 0))
 
     def serve(self, once: bool = False) -> None:
         """Claim jobs while the cluster has room for them; with once, return when the queue is empty
         and every job this worker started has ended."""
         for job_id in self.queue.recover_orphans():
             print(f"job {job_id}: its worker had died; queued again, it resumes from its checkpoint", flush=True)
-        print(f"serving the queue on a Ray cluster of {self.slots} {'GPU' if self.use_gpu else 'CPU'}(s)", flush=True)
+        print(f"serving the queue on a Ray cluster of {self.slots()} {'GPU' if self.use_gpu else 'CPU'}(s)", flush=True)
         while True:
             for job_id, thread in list(self.running.items()):
                 if not thread.is_alive():
                     del self.running[job_id], self.held[job_id]
-            room = self.slots - sum(self.held.values())
+            room = self.slots() - sum(self.held.values())
             job = self.queue.claim(os.getpid(), None, lease=self.policy.lease, room=room) if room > 0 else None
             if job is not None:
                 print(f"job {job.id} ({job.name}) sent to the Ray cluster ({job.processes} worker(s))", flush=True)
