@@ -26,24 +26,24 @@ def cmd_train(args) -> int:
     from .recipes import resolve_recipe
     from .rundir import RunDir
     from .trainers.launch import train_in_processes
-    from .trainers.run import check_run_inputs, resume_run, start_run
+    from .trainers.run import check_run_inputs, new_run, resume_run, start_run
+
+    def log(line: str) -> None:
+        print(line, flush=True)
 
     if args.resume:
-        run = RunDir.open(args.resume)
-        if run.recipe().train.processes > 1:
-            return train_in_processes(run.path, run.recipe().train.processes)
+        processes = RunDir.open(args.resume).recipe().train.processes
+        if processes > 1:
+            return train_in_processes(args.resume, processes)
         run, exports = resume_run(args.resume)
     else:
         if not args.recipe:
             raise DreamloomError("name a recipe (see `dreamloom recipes`) or a .toml file, or pass --resume RUN.")
         recipe = resolve_recipe(args.recipe, args.set, _shortcut_values(args))
         if recipe.train.processes > 1:  # checked here, trained by `accelerate launch` in the run directory
-            items = check_run_inputs(recipe, args.out)
-            run = RunDir.create(args.out, recipe)
-            run.write_manifest(items.train)
-            print(f"run directory: {run.path}", flush=True)
+            run = new_run(recipe, args.out, check_run_inputs(recipe, args.out), log)
             return train_in_processes(run.path, recipe.train.processes)
-        run, exports = start_run(recipe, args.out, log=lambda line: print(line, flush=True))
+        run, exports = start_run(recipe, args.out, log=log)
     print(f"finished: {run.path}")
     for path in exports:
         print(f"export: {path}")

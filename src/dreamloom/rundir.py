@@ -28,7 +28,6 @@ MARKER = "run.json"
 CHECKPOINT_PREFIX = "step-"
 
 
-
 def main_process() -> bool:
     """False in the other processes of a run launched on several (`accelerate launch` sets RANK):
     the main one alone writes the run's record, which is the same for all of them."""

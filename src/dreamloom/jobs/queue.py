@@ -262,7 +262,8 @@ class JobQueue:
         ahead = sum(1 for j in jobs if j.state == "queued" and j.id < job.id)
         line = f"{ahead} queued ahead" if ahead else "next in line"
         if job.processes > 1:
-            line += f"; needs a worker of {job.processes} GPUs (jobs worker --devices 0,1 --per-worker 2)"
+            ids = ",".join(str(i) for i in range(job.processes))
+            line += f"; needs a worker of {job.processes} GPUs (jobs worker --devices {ids} --per-worker {job.processes})"
         return f"{line}; waiting for a free worker ({running} running)" if running else line
 
     def update(self, job_id: int, **fields) -> None:

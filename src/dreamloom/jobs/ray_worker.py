@@ -28,7 +28,7 @@ from ..errors import DreamloomError, TrainingStopped
 from .heartbeat import ENV as HEARTBEAT_ENV
 from .heartbeat import silence, start_from_environment
 from .queue import Job, JobQueue
-from .worker import BAD_INPUT, Policy, job_log, job_run
+from .worker import BAD_INPUT, Policy, job_log, job_run, settle
 
 
 def _train_rank(config: dict) -> dict:
@@ -202,16 +202,7 @@ class RayWorker:
             code, error = TrainingStopped.exit_code, None
         except ray.exceptions.RayError as exc:  # Ray's failure policy gave up, or the task's node died
             return queue.retry_or_fail(job, str(exc).strip().splitlines()[-1], policy.retries, policy.backoff)
-        if code == 0 and (run is None or run.is_finished()):
-            state = "finished"
-        elif asked_to_stop and (code == TrainingStopped.exit_code or run is None or run.stopped()):
-            state, error = "cancelled", None
-        elif code == BAD_INPUT:
-            state = "failed"
-        else:
-            return queue.retry_or_fail(job, error or f"exit code {code}", policy.retries, policy.backoff)
-        queue.finish(job.id, state, error)
-        return state
+        return settle(queue, job, run, code, asked_to_stop, error or f"exit code {code}", policy)
 
 
 def serve_on_ray(home: str | Path, address: str, policy: Policy | None = None, once: bool = False) -> None:

@@ -115,16 +115,23 @@ def run_job(queue: JobQueue, job: Job, device: str | None, poll: float = 0.5, po
     tail = "\n".join(log.read_text().strip().splitlines()[-3:]) or f"exit code {proc.returncode}"
     if hung:
         return retry(f"hung (no heartbeat for {hang:.0f} s)")
-    if proc.returncode == 0 and (run is None or run.is_finished()):
+    return settle(queue, job, run, proc.returncode, asked_to_stop, tail, policy)
+
+
+def settle(queue: JobQueue, job: Job, run: RunDir | None, code: int, asked_to_stop: bool, error: str,
+           policy: Policy) -> str:
+    """A job's state once its process ended with `code` (`run`: None for a command job), for a local
+    worker and a Ray one alike."""
+    if code == 0 and (run is None or run.is_finished()):
         state, error = "finished", None
-    elif asked_to_stop and (proc.returncode == TrainingStopped.exit_code or job.arguments is not None
+    elif asked_to_stop and (code == TrainingStopped.exit_code or run is None
                             or run.stopped()):  # the launcher of several processes has its own exit code
         state, error = "cancelled", None
-    elif proc.returncode == BAD_INPUT:
-        state, error = "failed", tail
+    elif code == BAD_INPUT:
+        state = "failed"
     else:  # a crash, a kill, or an exit without the run's end event: never shown as running or finished
-        why = tail if proc.returncode != 0 else "the trainer exited without finishing its run"
-        return retry(why)
+        why = error if code != 0 else "the trainer exited without finishing its run"
+        return queue.retry_or_fail(job, why, policy.retries, policy.backoff)
     queue.finish(job.id, state, error)
     return state
 

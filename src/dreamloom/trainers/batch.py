@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,9 +37,10 @@ class Batch:
         def cut(t):
             return None if t is None else t[rows]
 
-        return Batch(self.latents[rows], tuple(t[rows] for t in self.tokens), self.captions[rows], self.generator,
-                     self.cond.rows(rows) if self.cond is not None else None, whole[rows] * processes,
-                     cut(self.original_size), cut(self.crop_top_left), cut(self.mask))
+        return replace(self, latents=self.latents[rows], tokens=tuple(t[rows] for t in self.tokens),
+                       captions=self.captions[rows], cond=self.cond.rows(rows) if self.cond is not None else None,
+                       weights=whole[rows] * processes, original_size=cut(self.original_size),
+                       crop_top_left=cut(self.crop_top_left), mask=cut(self.mask), part=None)
 
     def with_prior(self, prior: "Batch", prior_weight: float) -> "Batch":
         """Instance and class examples in one step: loss = instance mean + weight * class mean."""

@@ -84,16 +84,22 @@ def train_run(path: str | Path, base=None, items=None) -> tuple[RunDir, list[Pat
     return run, train(run, base=base, items=items)
 
 
+def new_run(recipe, out_root: str | Path, items: DataSplit, log=None) -> RunDir:
+    """The run directory of a checked recipe, with the manifest of its pictures."""
+    run = RunDir.create(out_root, recipe)
+    run.write_manifest(items.train)
+    if log is not None:
+        log(f"run directory: {run.path}")
+    return run
+
+
 def start_run(recipe, out_root: str | Path, log=None) -> tuple[RunDir, list[Path]]:
     """Check everything, load the base, then make the run directory and train it in this process.
     If training fails on a user's error before its first checkpoint, the run directory holds
     nothing of value and is removed."""
     items = check_run_inputs(recipe, out_root)
     base = load_recipe_base(recipe.base)
-    run = RunDir.create(out_root, recipe)
-    run.write_manifest(items.train)
-    if log is not None:
-        log(f"run directory: {run.path}")
+    run = new_run(recipe, out_root, items, log)
     try:
         return train_run(run.path, base=base, items=items)
     except (DreamloomError, KeyboardInterrupt):
