@@ -55,6 +55,7 @@ def test_every_bad_file_is_reported_at_once(tmp_path, out, subject_dir, capsys):
 @pytest.mark.parametrize("setting, words", [
     ("train.stepz=10", ["train.stepz", "allowed keys", "steps"]),
     ("train.learning_rate=-0.001", ["train.learning_rate", "greater than 0"]),
+    ("train.strategy='full_shard'", ["train.strategy", "small adapter", "'ddp'"]),  # tiny-lora: nothing big to shard
 ])
 def test_bad_recipe_values(setting, words, subject_dir, out, capsys):
     err = run_cli(train_args(subject_dir, out, "--set", setting), capsys)

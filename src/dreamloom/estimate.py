@@ -8,7 +8,7 @@ import hashlib
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from .atomic import atomic_write
 from .errors import RecipeError
 from .trainers.noise_loss import predict
 from .trainers.parts import enable_gradient_checkpointing
+from .trainers.sharding import largest_unit_numel
 
 GiB = 2**30
 # The CUDA context and cuBLAS/cuDNN kernels take ~0.3-0.5 GiB on CUDA 12 (lazy loading): they count against the
@@ -29,6 +30,28 @@ ALLOCATOR_SLACK = 0.10
 MEASURE_VERSION = 1  # bump when the measurement changes: cached figures are then measured again
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass
+class Shardable:
+    """What train.strategy divides among the processes: the trained weights of each part (their shapes: FSDP splits
+    each tensor along its first dimension, the first process taking the larger piece) and the largest unit one gather
+    brings whole (trainers/sharding.py: a ResNet, an attention layer), gathered in the compute dtype."""
+
+    trained: dict[str, list[tuple[tuple[int, ...], int]]]  # part -> (shape, bytes per element) of each trained weight
+    unit: int  # trained parameters of the largest unit
+    compute_size: int  # bytes per element of a gathered weight (and of its unsharded gradient)
+
+    def whole(self, part: str) -> int:
+        return sum(math.prod(shape) * size for shape, size in self.trained[part])
+
+    def share(self, part: str, n: int) -> int:
+        """Bytes of the first process's shard of the part's trained weights."""
+        return sum(math.ceil(shape[0] / n) * math.prod(shape[1:]) * size if shape else math.prod(shape) * size
+                   for shape, size in self.trained[part])
+
+    def numel(self) -> int:
+        return sum(math.prod(shape) for part in self.trained for shape, _ in self.trained[part])
 
 
 @dataclass
@@ -49,6 +72,40 @@ class Estimate:
     other: int  # the batch on the GPU: latents, noise, text-encoder states
     notes: list[str] = field(default_factory=list)
     hints: dict[str, list[str]] = field(default_factory=dict)  # term -> recipe keys that cut it
+    shardable: Shardable | None = None  # a full fine-tune: what train.strategy can divide
+    strategy: str = "ddp"  # the figures above are per process of `processes` under this strategy
+    processes: int = 1
+    unsharded: "Estimate | None" = None  # the figures of one whole copy, which `sharded` divides
+
+    def sharded(self, strategy: str, n: int) -> "Estimate":
+        """The figures of one of n processes under an FSDP strategy. Each holds its shard of the trained weights, their
+        gradients, the optimizer state and its scratch; full_shard gathers two units whole at a time (the one computing
+        and the one prefetched), shard_grad_op keeps every unit whole from its forward to its backward; the unsharded
+        gradients of two units wait for their reduce-scatter."""
+        sh, whole_copy = self.shardable, self.unsharded or self
+        if strategy == "ddp" or n == 1 or sh is None:
+            return replace(whole_copy, strategy="ddp", processes=n, unsharded=None)
+        self = whole_copy
+        whole = sum(sh.whole(part) for part in sh.trained)
+        ratio = sum(sh.share(part, n) for part in sh.trained) / whole
+        gathered = (2 * sh.unit if strategy == "full_shard" else sh.numel()) * sh.compute_size
+        weights = {part: b - sh.whole(part) + sh.share(part, n) if part in sh.trained else b
+                   for part, b in self.weights.items()}
+        first = next(iter(sh.trained))
+        weights[first] += gathered
+        return replace(self, weights=weights, gradients=int(self.gradients * ratio) + 2 * sh.unit * sh.compute_size,
+                       optimizer=int(self.optimizer * ratio), step_temporaries=int(self.step_temporaries * ratio),
+                       autocast_copies=0,  # the weights are gathered in the compute dtype: nothing left to cast
+                       weight_labels={**self.weight_labels, first: self.weight_labels[first] + f"; 1/{n} of the trained "
+                                      f"weights, {'two units' if strategy == 'full_shard' else 'every unit'} gathered whole"},
+                       strategy=strategy, processes=n, unsharded=whole_copy)
+
+    def per_gpu(self, counts=(2, 4, 8)) -> str:
+        """The predicted peak per GPU of each strategy at each process count: what to choose train.strategy by."""
+        head = f"{'per GPU (GiB)':<16}" + "".join(f"{f'{n} GPUs':>10}" for n in counts)
+        rows = [f"{name:<16}" + "".join(f"{self.sharded(name, n).total / GiB:>10.2f}" for n in counts)
+                for name in ("ddp", "shard_grad_op", "full_shard")]
+        return "\n".join([head, *rows])
 
     @property
     def allocated(self) -> int:
@@ -86,6 +143,8 @@ class Estimate:
                          "terms: " + ", ".join(f"{label.split(' (')[0]} {b / GiB:.2f} GiB" for _, label, b in big) + ".")
             cuts = dict.fromkeys(h for key, _, _ in big for h in self.hints.get(key, []))
             lines += ["To cut them: " + "; ".join(cuts) + "."] if cuts else []
+        if self.shardable is not None and not self.fused:
+            lines += ["", "train.strategy and train.processes (or jobs submit --gpus):", self.per_gpu()]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -93,7 +152,9 @@ def _hints(recipe, method) -> dict[str, list[str]]:
     t, full, hints, act = recipe.train, method.full_finetune, {}, ("activations", "transient")
     for keys, applies, hint in [
         (("weights", "gradients", "autocast"), full and t.weights_dtype == "fp32", "train.weights_dtype=bf16 (with train.fused_backward=true)"),
-        (("weights",), full, "method=lora"), (("gradients",), not t.fused_backward, "train.fused_backward=true"),
+        (("weights",), full, "method=lora"),
+        (("weights", "gradients", "optimizer"), full and t.strategy != "full_shard" and not t.fused_backward,
+         "train.strategy=full_shard on several GPUs (train.processes, jobs submit --gpus)"), (("gradients",), not t.fused_backward, "train.fused_backward=true"),
         (("weights",), not (recipe.data.cache_latents and recipe.data.crop == "center"), "data.cache_latents=true"),
         (("optimizer", "step"), t.optimizer != "adamw8bit", "train.optimizer=adamw8bit"), (("ema",), t.ema and not t.ema_on_cpu, "train.ema_on_cpu=true"),
         (act, not t.gradient_checkpointing, "train.gradient_checkpointing=true"), (act, True, "a smaller data.resolution"),
@@ -279,14 +340,22 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
         "not counted: VAE encoding when latents are not cached; validation samples (between steps, no activations)"]
     h, measured = res // 8, cache[key]
     text_numel = sum(v[0].numel() for v in zero_batch(base, 1, res, cached_text=True).cond.tensors.values())
+    shardable = None
+    if method.full_finetune:
+        shardable = Shardable({part: [(tuple(p.shape), p.element_size()) for p in getattr(base, part).parameters()
+                                      if p.requires_grad] for part in method.trainable_parts(base)},
+                              unit=max(largest_unit_numel(getattr(base, part)) for part in method.trainable_parts(base)),
+                              compute_size=dtype.itemsize)
+    sharded = t.strategy != "ddp" and t.processes > 1
     return Estimate(
         f"{recipe.name} on {spec}, {res} px, {batch} example(s) per step, {precision} compute, "
+        + (f"{t.strategy} on {t.processes} processes (per process), " if sharded else "") +
         f"{sum(p.numel() for p in trained):,} trained parameters", t.fused_backward, weights, labels, grads, optimizer,
         ema=sum(p.numel() * p.element_size() for p in trained) if t.ema and not t.ema_on_cpu else 0,
         autocast_copies=measured["autocast_copies"], activations=measured["activations"],
         backward_transient=2 * measured["largest_saved"], step_temporaries=temporaries,
         other=batch * 4 * (2 * 4 * h * h + text_numel),  # latents, noise, text states
-        notes=notes, hints=_hints(recipe, method))
+        notes=notes, hints=_hints(recipe, method), shardable=shardable).sharded(t.strategy, t.processes)
 
 
 def run_estimate(recipe_name_or_path: str, base: str | None, resolution: int | None, vram: float | None, overrides: list[str]) -> str:

@@ -53,6 +53,14 @@ class RecipeRules(Section):
         if t.fused_backward and t.processes > 1:
             raise ValueError("train.fused_backward steps each weight before its gradient is averaged across "
                              "processes; use it with train.processes = 1")
+        if t.strategy != "ddp" and not METHODS[self.method].full_finetune:
+            raise ValueError(f"train.strategy = '{t.strategy}' shards the weights of a full fine-tune; method "
+                             f"'{self.method}' trains a small adapter that every process holds whole: use 'ddp'")
+        if t.strategy != "ddp" and t.ema:
+            raise ValueError(f"train.ema is not kept for sharded weights (train.strategy = '{t.strategy}'); "
+                             "set train.ema = false, or train.strategy = 'ddp'")
+        if t.strategy != "ddp" and t.mixed_precision == "fp16":
+            raise ValueError(f"train.strategy = '{t.strategy}' cannot scale fp16 losses; use mixed_precision 'bf16' or 'no'")
         if t.fused_backward and t.mixed_precision == "fp16":
             raise ValueError("train.fused_backward cannot use fp16 loss scaling; use mixed_precision 'bf16' or 'no'")
         if self.prior.enabled and not self.prior.class_data and "{class_word}" in self.prior.class_prompt \

@@ -98,6 +98,10 @@ class TrainSection(Section):
                             "batch_size x processes)")
     processes: int = Field(1, ge=1, description="processes of one run (one per GPU, data parallel through "
                            "`accelerate launch`; on a machine without GPUs, CPU processes over gloo)")
+    strategy: Literal["ddp", "shard_grad_op", "full_shard"] = Field(
+        "ddp", description="how several processes hold a full fine-tune: ddp, each the whole model; shard_grad_op "
+        "(ZeRO-2), each 1/N of the gradients and optimizer state; full_shard (ZeRO-3), also 1/N of the weights, "
+        "gathered one block at a time (the least memory per GPU, the most communication). FSDP; full fine-tunes only")
     gradient_accumulation: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     text_encoder_lr: float | None = Field(None, gt=0, description="defaults to learning_rate")

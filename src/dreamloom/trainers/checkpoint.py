@@ -24,23 +24,25 @@ def _method_state(method, base) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in method.state_dict(base).items()}
 
 
-def register_hooks(accelerator, method, base, ema=None) -> None:
+def register_hooks(accelerator, method, base, sharding, ema=None) -> None:
+    """Every process runs the hooks (gathering sharded weights is collective); the main one writes."""
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_file(_method_state(method, base), os.path.join(output_dir, TRAINABLE))
-            if ema is not None:
-                with ema.applied():
-                    save_file(_method_state(method, base), os.path.join(output_dir, EMA),
-                              metadata={"steps": str(ema.steps)})
+        with sharding.gathered(base) as whole:
+            if whole is not None:
+                save_file(_method_state(method, whole), os.path.join(output_dir, TRAINABLE))
+        if ema is not None:
+            with ema.applied(), sharding.gathered(base) as whole:
+                if whole is not None:
+                    save_file(_method_state(method, whole), os.path.join(output_dir, EMA), metadata={"steps": str(ema.steps)})
         weights.clear()  # the method's state above replaces the full model weights
 
     def load_hook(models, input_dir):
         if ema is not None:  # EMA weights through the model into the average, then the live ones
             path = os.path.join(input_dir, EMA)
-            method.load_state_dict(base, load_file(path))
+            sharding.load(base, lambda whole: method.load_state_dict(whole, load_file(path)))
             with safe_open(path, "pt") as f:
                 ema.reset_from_params(int(f.metadata()["steps"]))
-        method.load_state_dict(base, load_file(os.path.join(input_dir, TRAINABLE)))
+        sharding.load(base, lambda whole: method.load_state_dict(whole, load_file(os.path.join(input_dir, TRAINABLE))))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)

@@ -8,7 +8,7 @@ import math
 import os
 import time
 import traceback
-from contextlib import ExitStack, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,7 @@ from .optim import WEIGHT_DTYPES, prepare_optimizer, resolve_mixed_precision
 from .parts import cast_for_precision, enable_gradient_checkpointing, offload_cached, unwrapped
 from .prior import class_items
 from .registry import get_method
+from .sharding import Sharding, Unsharded, local
 from .trackers import start_trackers
 
 
@@ -56,6 +57,7 @@ class TrainState:
     validation: TrainingData | None  # the held-out pictures, measured at every checkpoint
     params: list
     ema: Ema | None
+    sharding: Sharding | Unsharded  # whole weights for checkpoints, samples and exports, on the main process
     start: int
     loss_before: float
     flops: StepFlops
@@ -126,7 +128,7 @@ def set_up(run, base, items) -> TrainState:
 
     classes, class_list = None, list(items.regularization)
     if recipe.prior.enabled:  # generated from the untouched base, before any training memory exists
-        with accelerator.autocast():
+        with accelerator.main_process_first(), accelerator.autocast():  # the others then find them made
             prior_list, made = class_items(recipe, base, log=lambda m: print(m, flush=True))
         class_list += prior_list
         run.log("class_images", count=len(prior_list), generated=made, folder=str(prior_list[0].path.parent))
@@ -145,14 +147,21 @@ def set_up(run, base, items) -> TrainState:
     if accelerator.device.type == "cuda":  # latents and captions are cached: those parts wait in CPU memory
         offload_cached(base, data.cached, data.cond is not None)
 
+    sharding = Unsharded(accelerator.is_main_process)
+    if t.strategy != "ddp" and processes > 1:
+        if precision == "fp16":
+            raise RecipeError(f"train.strategy = '{t.strategy}' cannot scale fp16 losses; set train.mixed_precision = 'bf16'.")
+        sharding = Sharding(base, parts, t.strategy, accelerator.is_main_process, WEIGHT_DTYPES[precision])
+        groups = sharding.regroup(groups)
     params = [p for g in groups for p in g["params"]]
-    modules, optimizer = prepare_optimizer(t, groups, accelerator, [getattr(base, n) for n in parts], params)
+    modules, optimizer = prepare_optimizer(t, groups, accelerator, [getattr(base, n) for n in parts], params,
+                                           sharded=isinstance(sharding, Sharding))
     base = base.with_modules(**dict(zip(parts, modules)))
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer.schedulable, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.steps)
     accelerator.register_for_checkpointing(lr_scheduler)
     ema = Ema(params, t.ema_decay, t.ema_on_cpu) if t.ema else None
-    register_hooks(accelerator, method, base, ema)
+    register_hooks(accelerator, method, base, sharding, ema)
 
     latest = run.latest_checkpoint()
     start = load_checkpoint(accelerator, latest) if latest is not None else 0
@@ -162,11 +171,13 @@ def set_up(run, base, items) -> TrainState:
             device=str(accelerator.device), mixed_precision=precision, images=len(items.train),
             validation_images=len(items.validation), buckets=len({e.size for e in data.examples}),
             class_images=len(classes.items) if classes else 0,
-            trainable_params=sum(p.numel() for p in params), loss_before=loss_before)
+            trainable_params=sum(p.numel() for p in params), loss_before=loss_before,
+            strategy=t.strategy if isinstance(sharding, Sharding) else "ddp" if processes > 1 else None,
+            trained_bytes_per_process=sum(local(p).numel() * p.element_size() for p in params))
     part = (accelerator.process_index, processes) if processes > 1 else None
     stream = TrainingStream(data, classes, recipe.prior.loss_weight, part)
     state = TrainState(run, recipe, method, base, accelerator, modules, optimizer, lr_scheduler, stream, validation,
-                       params, ema, start, loss_before, StepFlops(accelerator.device, precision))
+                       params, ema, sharding, start, loss_before, StepFlops(accelerator.device, precision))
     start_trackers(accelerator, recipe)
     if start == 0:
         log_validation(state, 0)
@@ -236,9 +247,10 @@ def between_steps(state: TrainState, done: int, stop: StopRequest) -> None:
         raise TrainingStopped(f"stopped at step {done} of {t.steps} with a checkpoint; "
                               f"continue with `dreamloom train --resume {run.path}`")
     sample_due = (t.sample_every and done % t.sample_every == 0) or (due and state.recipe.sample.at_checkpoints)
-    if sample_due and state.accelerator.is_main_process:
-        with state.ema.applied() if state.ema else nullcontext():
-            save_samples(run, state.recipe, state.base, done, state.accelerator)
+    if sample_due:
+        with ema_applied(state), state.sharding.gathered(state.base) as whole:
+            if whole is not None:  # the main process
+                save_samples(run, state.recipe, whole, done, state.accelerator)
 
 
 def processes_without_gpus() -> bool:
@@ -255,19 +267,40 @@ def agreed(accelerator, requested: bool) -> bool:
     return accelerator.reduce(flag, "sum").item() > 0
 
 
-def log_validation(state: TrainState, step: int) -> None:
-    """The loss on the held-out pictures, at the same noise and timesteps every time (so that the
-    checkpoints' figures compare), with the trained parts in eval mode (no dropout)."""
-    if state.validation is None or not state.accelerator.is_main_process:
-        return  # the main process alone: through the unwrapped parts (DDP's forward would wait for the others)
-    training = [m.training for m in state.modules]
-    for module in state.modules:
+def ema_applied(state: TrainState):
+    return state.ema.applied() if state.ema else nullcontext()
+
+
+@contextmanager
+def evaluating(state: TrainState, whole):
+    """The trained parts of `whole` in eval mode (no dropout) for the duration."""
+    modules = [getattr(whole, part) for part in state.method.trainable_parts(whole)]
+    training = [m.training for m in modules]
+    for module in modules:
         module.eval()
-    with state.ema.applied() if state.ema else nullcontext():
-        loss = measure_loss(state.method, unwrapped(state.base), state.validation,
-                            n=max(16, len(state.validation.examples)))
-    for module, was in zip(state.modules, training):
-        module.train(was)
+    try:
+        yield
+    finally:
+        for module, was in zip(modules, training):
+            module.train(was)
+
+
+def log_validation(state: TrainState, step: int) -> None:
+    """The loss on the held-out pictures (every process takes part: sharded weights are gathered)."""
+    if state.validation is not None:
+        with ema_applied(state), state.sharding.gathered(state.base) as whole:
+            if whole is not None:
+                validation_loss(state, whole, step)
+
+
+def validation_loss(state: TrainState, whole, step: int) -> None:
+    """The loss on the held-out pictures, at the same noise and timesteps every time (so that the
+    checkpoints' figures compare), on the main process through whole, unwrapped parts (DDP's forward
+    would wait for the others)."""
+    if state.validation is None:
+        return
+    with evaluating(state, whole):
+        loss = measure_loss(state.method, whole, state.validation, n=max(16, len(state.validation.examples)))
     state.run.log("validation", step=step, loss=loss)
     state.accelerator.log({"validation_loss": loss}, step=step)
 
@@ -279,15 +312,15 @@ def finish(state: TrainState) -> list:
     path = save_checkpoint(accelerator, run, t.steps, t.keep_checkpoints)
     run.log("checkpoint", step=t.steps, path=str(path))
     exports = []
-    if accelerator.is_main_process:
-        log_validation(state, t.steps)
-        for module in state.modules:
-            module.eval()
-        with state.ema.applied() if state.ema else nullcontext():  # samples and exports show the EMA weights
-            loss_after = measure_loss(state.method, unwrapped(state.base), state.stream.data)
-            save_samples(run, state.recipe, state.base, t.steps, accelerator)
-            exports = state.method.export(unwrapped(state.base), run, state.recipe.export.formats)
-        run.log("export", paths=[str(p) for p in exports])
-        run.log("end", step=t.steps, loss_before=state.loss_before, loss_after=loss_after)
+    with ema_applied(state), state.sharding.gathered(state.base) as whole:  # samples and exports show the EMA weights
+        if whole is not None:
+            validation_loss(state, whole, t.steps)
+            for part in state.method.trainable_parts(whole):  # and stay so: the trained model is used as it is exported
+                getattr(whole, part).eval()
+            loss_after = measure_loss(state.method, whole, state.stream.data)
+            save_samples(run, state.recipe, whole, t.steps, accelerator)
+            exports = state.method.export(whole, run, state.recipe.export.formats)
+            run.log("export", paths=[str(p) for p in exports])
+            run.log("end", step=t.steps, loss_before=state.loss_before, loss_after=loss_after)
     accelerator.end_training()
     return exports

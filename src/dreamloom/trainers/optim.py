@@ -75,8 +75,16 @@ class StandardOptimizer:
         pass
 
 
-def prepare_optimizer(train, groups: ParamGroups, accelerator, modules: list, params: list):
-    """(the trained parts as the accelerator prepared them, the optimizer the loop drives)."""
+def prepare_optimizer(train, groups: ParamGroups, accelerator, modules: list, params: list, sharded: bool = False):
+    """(the trained parts as the accelerator prepared them, the optimizer the loop drives). Sharded parts are left
+    as they are (a DDP wrapper would undo the sharding), and so is their optimizer: the accelerator would checkpoint
+    the main process's shard of its state only; ShardedOptimizerState checkpoints it whole."""
+    if sharded:
+        from .sharding import ShardedOptimizerState
+
+        optimizer = make_optimizer(train, groups)
+        accelerator.register_for_checkpointing(ShardedOptimizerState(modules, optimizer))
+        return modules, StandardOptimizer(optimizer, accelerator, params, train.max_grad_norm)
     if train.fused_backward:
         from .fused import FusedOptimizer
 
