@@ -315,7 +315,8 @@ def cmd_eval(args) -> int:
     if args.methods:
         from .toy.benchmark import parse_methods, parse_subjects, run_benchmark
 
-        path = run_benchmark(parse_methods(args.methods), parse_subjects(args.subjects), Path(args.out), settings)
+        path = run_benchmark(parse_methods(args.methods), parse_subjects(args.subjects), Path(args.out), settings,
+                             sets=args.set)
         print(path.read_text())
         print(f"wrote {path}")
         return 0
@@ -566,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="all, or a comma list: train each toy recipe and evaluate it")
     p.add_argument("--subjects", default="heart,crescent", help="--methods: subject shapes (default: heart,crescent)")
     p.add_argument("--out", default="quality-out", help="--methods: folder for runs and QUALITY.md")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--methods: override a key of every toy recipe (a variant to compare, e.g. lora.rank=2)")
     p.add_argument("--samples", type=int, default=64, help="pictures per metric (at least 64 for +-6 points)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0)

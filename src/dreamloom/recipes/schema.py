@@ -53,6 +53,11 @@ class RecipeRules(Section):
         if t.fused_backward and t.processes > 1:
             raise ValueError("train.fused_backward steps each weight before its gradient is averaged across "
                              "processes; use it with train.processes = 1")
+        if self.prior.output_preservation and not METHODS[self.method].switchable:
+            able = ", ".join(name for name, m in METHODS.items() if m.switchable)
+            raise ValueError(f"prior.output_preservation compares the model with its adapter switched off; method "
+                             f"'{self.method}' has none to switch off: use one of {able}, or prior.enabled "
+                             "(class pictures)")
         if t.strategy != "ddp" and not METHODS[self.method].full_finetune:
             raise ValueError(f"train.strategy = '{t.strategy}' shards the weights of a full fine-tune; method "
                              f"'{self.method}' trains a small adapter that every process holds whole: use 'ddp'")

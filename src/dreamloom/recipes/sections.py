@@ -150,6 +150,11 @@ class PriorSection(Section):
     generation_steps: int = Field(25, ge=1)
     generation_guidance: float = Field(7.5, ge=0)
     generation_batch_size: int = Field(4, ge=1)
+    output_preservation: float = Field(0.0, ge=0, description=(
+        "weight of differential output preservation (ai-toolkit's idea; 0: off): each step also denoises the "
+        "training pictures captioned without the trigger, with the untouched model's prediction (the adapter switched "
+        "off) as the target, so that prompts without the trigger keep drawing what they drew. Needs no class "
+        "pictures and no second model; adapter methods only"))
 
 
 class SampleSection(Section):

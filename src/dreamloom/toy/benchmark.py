@@ -32,10 +32,16 @@ def parse_subjects(text: str) -> list[str]:
     return names
 
 
+def variant_name(method: str, sets: list[str]) -> str:
+    """A method's column (and run folder) under recipe overrides: 'lora', or 'lora [lora.rank=2]'."""
+    return f"{method} [{', '.join(sets)}]" if sets else method
+
+
 def run_benchmark(methods: list[str], subjects: list[str], out: Path, settings: Settings | None = None,
-                  log=print) -> Path:
-    """Train each method on each subject, evaluate all of them against the untouched base; write
-    out/QUALITY.md (and out/quality.json). Runs already finished in `out` are evaluated, not retrained."""
+                  log=print, sets: list[str] | None = None) -> Path:
+    """Train each method on each subject (its toy recipe with the overrides `sets`: a variant to compare), evaluate
+    all of them against the untouched base; write out/QUALITY.md (and out/quality.json). Runs already finished in
+    `out` are evaluated, not retrained."""
     from ..rundir import RunDir
     from ..models import load_base
     from ..recipes import resolve_recipe
@@ -50,35 +56,37 @@ def run_benchmark(methods: list[str], subjects: list[str], out: Path, settings: 
         write_subject_folder(data, shape)
         columns = {}
         for method in methods:
-            runs = out / "runs" / shape / method
+            column = variant_name(method, sets or [])
+            runs = out / "runs" / shape / column.replace(" ", "").replace("/", "_")
             done = [p for p in sorted(runs.glob("*")) if RunDir.open(p).is_finished()] if runs.is_dir() else []
             if done:
                 run_path = done[-1]
             else:
                 name, overrides = eval_entries()[method]
-                recipe = resolve_recipe(name, list(overrides), {"data.path": str(data)})
-                log(f"== {shape}: training {method} ({recipe.name})")
+                recipe = resolve_recipe(name, [*overrides, *(sets or [])], {"data.path": str(data)})
+                log(f"== {shape}: training {column} ({recipe.name})")
                 run_path = start_run(recipe, runs)[0].path
             if "untouched base" not in columns:  # the same prompts, for the base as it shipped
                 recipe = RunDir.open(run_path).recipe()
                 subject = Subject.from_images(subject_images(shape), subject_word(recipe))
                 columns["untouched base"] = evaluate_pipeline(load_base(recipe.base.model).pipeline(),
                                                               subject, settings)[0]
-            log(f"== {shape}: evaluating {method}")
+            log(f"== {shape}: evaluating {column}")
             report = evaluate_run(run_path, settings, base_metrics=columns["untouched base"])
-            columns[method] = report["metrics"]
+            columns[column] = report["metrics"]
         results[shape] = columns
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     path = out / "QUALITY.md"
-    path.write_text(render_report(results, methods, subjects, settings))
+    path.write_text(render_report(results, methods, subjects, settings, sets or []))
     return path
 
 
-def render_report(results: dict, methods: list[str], subjects: list[str], settings: Settings) -> str:
-    command = f"dreamloom eval --methods {','.join(methods)} --subjects {','.join(subjects)} --samples {settings.samples}"
+def render_report(results: dict, methods: list[str], subjects: list[str], settings: Settings, sets=()) -> str:
+    command = (f"dreamloom eval --methods {','.join(methods)} --subjects {','.join(subjects)} --samples {settings.samples}"
+               + "".join(f" --set {s}" for s in sets))
     parts = ["# Personalization quality on the toy base", "",
              f"Made by `{command}` (every number a share of {settings.samples} generated pictures per "
-             f"metric, DDIM {settings.steps} steps, guidance {settings.guidance}, fixed seeds; the judge "
+             f"metric, ± one standard error, DDIM {settings.steps} steps, guidance {settings.guidance}, fixed seeds; the judge "
              "is dreamloom.toy.judge). Each method trained from its built-in toy recipe on 4 pictures "
              "of the subject (one colour, white and gray backgrounds).", ""]
     for shape in subjects:

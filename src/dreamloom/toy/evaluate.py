@@ -116,6 +116,12 @@ def _share(flags) -> float:
     return 100.0 * sum(flags) / max(len(flags), 1)
 
 
+def standard_error(share: float, n: int) -> float:
+    """Of a share (in %) of n pictures, each right or not (binomial): two shares whose difference is under about twice
+    sqrt(se_a^2 + se_b^2) cannot be told apart."""
+    return (share * (100.0 - share) / max(n, 1)) ** 0.5
+
+
 def score(images: list[Image.Image], ps: PromptSet) -> dict:
     """Per attribute asked: share right; all asked right; the judge's mean probability of the asks."""
     judged = judge_images(images)
@@ -162,7 +168,14 @@ def evaluate_pipeline(pipe, subject: Subject, settings: Settings,
         labels = scores["class"]["_labels"]["shape"]
         metrics.update(class_as_subject=_share(label == subject.shape for label in labels),
                        class_accuracy=scores["class"]["all"])
+    for key, of in SHARES_OF.items():  # the rows methods are compared by, with their noise
+        if key in metrics:
+            metrics[f"{key}_se"] = standard_error(metrics[key], len(sets[of].prompts))
     return metrics, pictures
+
+
+SHARES_OF = {"subject_fidelity": "subject", "recolour": "recolour", "recolour_colour": "recolour",
+             "ordinary_accuracy": "ordinary", "class_as_subject": "class", "class_accuracy": "class"}
 
 
 ROWS = [  # (key, label, better)
@@ -186,7 +199,8 @@ def table(columns: dict[str, dict]) -> str:
     names = list(columns)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key, label, better in ROWS:
-        cells = [f"{columns[n][key] * SCALE.get(key, 1):.1f}" if key in columns[n] else "-" for n in names]
+        cells = [f"{columns[n][key] * SCALE.get(key, 1):.1f}" + (f" ± {columns[n][key + '_se']:.1f}" if key + "_se"
+                 in columns[n] else "") if key in columns[n] else "-" for n in names]
         lines.append(f"| {label.strip()} ({better} is better) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

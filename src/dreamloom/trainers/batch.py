@@ -21,11 +21,23 @@ class Batch:
     crop_top_left: torch.Tensor | None = None  # [B, 2] where its crop starts in the resized picture
     mask: torch.Tensor | None = None  # [B, 1, h, w] loss weights in latent space (data.masked_loss)
     part: tuple[int, int] | None = None  # (rank, processes): the rows this process trains on, of a global batch
+    teacher_rows: torch.Tensor | None = None  # [B] bool: rows whose target is the untouched model's prediction
 
     def own_rows(self) -> slice:
         rank, processes = self.part
         n = len(self.captions) // processes
         return slice(rank * n, (rank + 1) * n)
+
+    def select(self, rows) -> "Batch":
+        """These rows (a slice or a list of indices) of the batch, weights as they are."""
+        def cut(t):
+            return None if t is None else t[rows]
+
+        picked = range(len(self.captions))[rows] if isinstance(rows, slice) else rows
+        return replace(self, latents=self.latents[rows], tokens=tuple(t[rows] for t in self.tokens),
+                       captions=[self.captions[i] for i in picked], cond=self.cond.rows(rows) if self.cond is not None else None,
+                       weights=cut(self.weights), original_size=cut(self.original_size),
+                       crop_top_left=cut(self.crop_top_left), mask=cut(self.mask), teacher_rows=cut(self.teacher_rows))
 
     def shard(self) -> "Batch":
         """This process's rows of the global batch, weighted so that the gradients the processes
@@ -33,25 +45,21 @@ class Batch:
         the whole batch first (see noise_loss), so every row sees what a single process would draw."""
         rows, processes = self.own_rows(), self.part[1]
         whole = self.weights if self.weights is not None else torch.full((len(self.captions),), 1 / len(self.captions))
+        return replace(self.select(rows), weights=whole[rows] * processes, part=None)
 
-        def cut(t):
-            return None if t is None else t[rows]
-
-        return replace(self, latents=self.latents[rows], tokens=tuple(t[rows] for t in self.tokens),
-                       captions=self.captions[rows], cond=self.cond.rows(rows) if self.cond is not None else None,
-                       weights=whole[rows] * processes, original_size=cut(self.original_size),
-                       crop_top_left=cut(self.crop_top_left), mask=cut(self.mask), part=None)
-
-    def with_prior(self, prior: "Batch", prior_weight: float) -> "Batch":
-        """Instance and class examples in one step: loss = instance mean + weight * class mean."""
-        n, m = len(self.captions), len(prior.captions)
-        cond = Conditioning.cat([self.cond, prior.cond]) if self.cond is not None and prior.cond is not None else None
-        weights = torch.tensor([1 / n] * n + [prior_weight / m] * m)
-        return Batch(torch.cat([self.latents, prior.latents]),
-                     tuple(torch.cat(pair) for pair in zip(self.tokens, prior.tokens)),
-                     self.captions + prior.captions, self.generator, cond, weights,
-                     _cat(self.original_size, prior.original_size), _cat(self.crop_top_left, prior.crop_top_left),
-                     _masks(self, prior))
+    def joined(self, other: "Batch", weight: float, teacher: bool = False) -> "Batch":
+        """This batch's examples and another's in one step: loss = this batch's loss + weight * the other's mean
+        (prior preservation's class pictures; output preservation's rows, whose targets are the untouched model's)."""
+        n, m = len(self.captions), len(other.captions)
+        cond = Conditioning.cat([self.cond, other.cond]) if self.cond is not None and other.cond is not None else None
+        own = self.weights if self.weights is not None else torch.full((n,), 1 / n)
+        teachers = torch.cat([self.teacher_rows if self.teacher_rows is not None else torch.zeros(n, dtype=torch.bool),
+                              torch.full((m,), teacher)])
+        return Batch(torch.cat([self.latents, other.latents]),
+                     tuple(torch.cat(pair) for pair in zip(self.tokens, other.tokens)),
+                     self.captions + other.captions, self.generator, cond, torch.cat([own, torch.full((m,), weight / m)]),
+                     _cat(self.original_size, other.original_size), _cat(self.crop_top_left, other.crop_top_left),
+                     _masks(self, other), teacher_rows=teachers if teachers.any() else None)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

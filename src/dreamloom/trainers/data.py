@@ -8,6 +8,7 @@ data.buckets its aspect-ratio bucket at each. All examples of a batch share thei
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -207,18 +208,30 @@ class TrainingData:
         return self.make_batch(examples, step_generator(self.seed, step, micro))
 
 
+def without_trigger(items: list[DataItem], trigger: str) -> list[DataItem]:
+    """The pictures captioned as if the subject had no name: "a sks dog on a beach" -> "a dog on a beach"."""
+    word = re.compile(rf"\s*\b{re.escape(trigger)}\b") if trigger else None
+    return [replace(item, caption=word.sub("", item.caption).strip() if word else item.caption) for item in items]
+
+
 class TrainingStream:
     """The batches a step trains on: the instance images, merged with the class images of prior
-    preservation when there are any (loss = instance mean + class_weight * class mean)."""
+    preservation when there are any (loss = instance mean + class_weight * class mean), and with the
+    same pictures captioned without the trigger for output preservation (+ its weight * their mean
+    distance to the untouched model's prediction)."""
 
     def __init__(self, data: TrainingData, classes: TrainingData | None = None, class_weight: float = 1.0,
-                 part: tuple[int, int] | None = None):
-        """`part`: (rank, processes) of a run on several processes; each trains on its rows."""
+                 part: tuple[int, int] | None = None, plain: TrainingData | None = None, plain_weight: float = 0.0):
+        """`part`: (rank, processes) of a run on several processes; each trains on its rows. `plain`: the
+        instance pictures without the trigger in their captions, drawn in the same order (same seed)."""
         self.data, self.classes, self.class_weight, self.part = data, classes, class_weight, part
+        self.plain, self.plain_weight = plain, plain_weight
 
     def batch(self, step: int, micro: int = 0) -> Batch:
         batch = self.data.batch(step, micro)
         if self.classes is not None:  # at the instance batch's size: (latent sides) x the VAE's scale
             size = (batch.latents.shape[-1] * self.data.latent_scale, batch.latents.shape[-2] * self.data.latent_scale)
-            batch = batch.with_prior(self.classes.batch(step, micro, size), self.class_weight)
+            batch = batch.joined(self.classes.batch(step, micro, size), self.class_weight)
+        if self.plain is not None:
+            batch = batch.joined(self.plain.batch(step, micro), self.plain_weight, teacher=True)
         return replace(batch, part=self.part) if self.part else batch

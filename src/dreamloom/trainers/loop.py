@@ -23,7 +23,7 @@ from ..models import Base
 from ..models.base import load_recipe_base
 from ..paths import free_bytes, human_bytes
 from .checkpoint import load_checkpoint, register_hooks, save_checkpoint
-from .data import TrainingData, TrainingStream
+from .data import TrainingData, TrainingStream, without_trigger
 from .ema import Ema
 from .method import Method
 from .mfu import StepFlops
@@ -144,6 +144,9 @@ def set_up(run, base, items) -> TrainState:
         sizes = list(dict.fromkeys(e.size for e in data.examples))
         classes = TrainingData(class_list, recipe, base, seed=t.seed + 1, repeats=1, sizes=sizes, processes=processes)
     validation = TrainingData(items.validation, recipe, base, seed=t.seed + 2, repeats=1) if items.validation else None
+    plain = None
+    if recipe.prior.output_preservation:  # the same pictures in the same order, captioned without the trigger
+        plain = TrainingData(without_trigger(items.train, recipe.data.trigger), recipe, base, processes=processes)
     if accelerator.device.type == "cuda":  # latents and captions are cached: those parts wait in CPU memory
         offload_cached(base, data.cached, data.cond is not None)
 
@@ -175,7 +178,7 @@ def set_up(run, base, items) -> TrainState:
             strategy=t.strategy if isinstance(sharding, Sharding) else "ddp" if processes > 1 else None,
             trained_bytes_per_process=sum(local(p).numel() * p.element_size() for p in params))
     part = (accelerator.process_index, processes) if processes > 1 else None
-    stream = TrainingStream(data, classes, recipe.prior.loss_weight, part)
+    stream = TrainingStream(data, classes, recipe.prior.loss_weight, part, plain, recipe.prior.output_preservation)
     state = TrainState(run, recipe, method, base, accelerator, modules, optimizer, lr_scheduler, stream, validation,
                        params, ema, sharding, start, loss_before, StepFlops(accelerator.device, precision))
     start_trackers(accelerator, recipe)

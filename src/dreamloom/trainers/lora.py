@@ -4,6 +4,7 @@ conv_alpha); `lora.use_dora` makes either weight-decomposed (DoRA, Liu et al. 20
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import Field
@@ -114,6 +115,7 @@ def check_dora_layers(module, names: list[str], key: str) -> None:
 
 class LoraMethod(Method):
     name = "lora"
+    switchable = True
     sections = {"lora": LoraSection}
     formats = FORMATS
     help = ("LoRA: a small adapter (a few MB) on the base's attention layers. The usual choice for a subject or "
@@ -127,6 +129,20 @@ class LoraMethod(Method):
 
     def trainable_parts(self, base) -> tuple[str, ...]:
         return ("unet", *base.family.text_encoders) if self.recipe.lora.train_text_encoder else ("unet",)
+
+    @contextmanager
+    def switched_off(self, base):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for part in self.trainable_parts(base) for m in unwrap(getattr(base, part)).modules()
+                  if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:  # enabling sets the adapters' requires_grad again, as they were
+            for layer in layers:
+                layer.enable_adapters(True)
 
     def targets(self, base, part: str) -> tuple[list[str], dict[str, int], dict[str, float]]:
         """(target modules, rank pattern, alpha pattern) of a part, in peft's terms."""

@@ -10,6 +10,7 @@ weight-decomposes them as LyCORIS does.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import Field
@@ -30,6 +31,8 @@ class LokrSection(Section):
 
 class LycorisMethod(Method):
     """What LoHa and LoKr share; each says its LyCORIS module class and the options it passes."""
+
+    switchable = True
 
     sections = {"lora": LoraSection, "conv": ConvSection}
     formats = (Format("kohya", "{name}.safetensors", "A1111/Forge (>= 1.5), ComfyUI, InvokeAI", attach="lora"),)
@@ -101,6 +104,17 @@ class LycorisMethod(Method):
             module.add_module(ADAPTERS, adapters)
             groups.append({"params": list(adapters.parameters()), "lr": part_learning_rate(self.recipe.train, part)})
         return groups
+
+    @contextmanager
+    def switched_off(self, base):
+        adapters = [lyco for part in self.trainable_parts(base) for lyco in self.adapters(base, part).values()]
+        for lyco in adapters:
+            lyco.multiplier = 0.0  # the wrapped layer's own output, unchanged
+        try:
+            yield
+        finally:
+            for lyco in adapters:
+                lyco.multiplier = 1.0
 
     def adapters(self, base, part: str):
         return getattr(unwrap(getattr(base, part)), ADAPTERS)

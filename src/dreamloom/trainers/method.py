@@ -53,6 +53,7 @@ class Method:
     toy_recipe: ClassVar[str | None] = None  # its built-in recipe on the toy base (dreamloom eval --methods)
     toy_variants: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {}  # more eval rows: name -> (recipe, --set)
     full_finetune: ClassVar[bool] = False  # trains whole parts of the base (memory estimate hints)
+    switchable: ClassVar[bool] = False  # has switched_off: the untouched model without a copy (output preservation)
 
     def __init__(self, recipe: "Recipe"):
         self.recipe = recipe
@@ -72,7 +73,11 @@ class Method:
     def loss(self, base: "Base", batch: "Batch") -> "torch.Tensor":
         from .noise_loss import noise_loss
 
-        return noise_loss(base, batch, self.recipe.train)
+        return noise_loss(base, batch, self.recipe.train, teacher=lambda: self.switched_off(base))
+
+    def switched_off(self, base: "Base"):
+        """A context in which the base computes as it did before training (the trained adapters bypassed)."""
+        raise NotImplementedError(f"{self.name} cannot switch its training off")
 
     def state_dict(self, base: "Base") -> dict[str, "torch.Tensor"]:
         """The trained weights: what checkpoints hold and exports are made from."""

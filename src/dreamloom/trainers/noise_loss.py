@@ -25,7 +25,11 @@ def predict(base: "Base", noisy: torch.Tensor, timesteps: torch.Tensor, batch: "
     return base.unet(noisy.to(unet_dtype), timesteps, **kwargs).sample.float()
 
 
-def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: torch.Tensor | None = None) -> torch.Tensor:
+def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: torch.Tensor | None = None,
+               teacher=None) -> torch.Tensor:
+    """The batch's mean denoising loss. Rows marked as teacher rows (output preservation) are pulled toward the
+    prediction of the untouched model, computed for the same noisy input inside `teacher()` (a context switching
+    the training off), rather than toward the noise."""
     scheduler = base.noise_scheduler
     device = base.unet.device
     latents = batch.latents.to(device, torch.float32)
@@ -47,6 +51,11 @@ def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: t
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
+    if batch.teacher_rows is not None and batch.teacher_rows.any():
+        rows = torch.nonzero(batch.teacher_rows).flatten().tolist()
+        with torch.no_grad(), teacher():
+            target = target.clone()
+            target[rows] = predict(base, noisy[rows], timesteps[rows], batch.select(rows))
     loss = F.mse_loss(pred, target.float(), reduction="none")
     if batch.mask is None:
         loss = loss.mean(dim=(1, 2, 3))
