@@ -61,3 +61,15 @@ def test_output_preservation_keeps_prompts_without_the_trigger_closer_to_the_bas
 def test_methods_without_an_adapter_to_switch_off_are_refused(recipe):
     with pytest.raises(RecipeError, match="prior.output_preservation.*lora"):
         resolve_recipe(recipe, ["prior.output_preservation=1"])
+
+
+def test_varied_class_prompts_are_taken_in_turn_and_caption_their_pictures():
+    from dreamloom.trainers.prior import class_cache_dir, class_items
+
+    prompts = "prior.class_prompts=['a red {class_word}', 'a blue {class_word} on a pink background']"
+    recipe = resolve_recipe("tiny-dreambooth", [prompts, "prior.num_class_images=3", "prior.generation_steps=2"])
+    base = load_base("tiny")
+    items, made = class_items(recipe, base, log=lambda line: None)
+    assert made == 3
+    assert [item.caption for item in items] == ["a red star", "a blue star on a pink background", "a red star"]
+    assert class_cache_dir(recipe, base) != class_cache_dir(resolve_recipe("tiny-dreambooth"), base)

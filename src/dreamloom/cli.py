@@ -316,7 +316,7 @@ def cmd_eval(args) -> int:
         from .toy.benchmark import parse_methods, parse_subjects, run_benchmark
 
         path = run_benchmark(parse_methods(args.methods), parse_subjects(args.subjects), Path(args.out), settings,
-                             sets=args.set)
+                             sets=args.set, colour_captions=args.colour_captions)
         print(path.read_text())
         print(f"wrote {path}")
         return 0
@@ -569,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="quality-out", help="--methods: folder for runs and QUALITY.md")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="--methods: override a key of every toy recipe (a variant to compare, e.g. lora.rank=2)")
+    p.add_argument("--colour-captions", dest="colour_captions", action="store_true",
+                   help="--methods: the subject's captions name its colour too (\"a orange sks shape on ...\")")
     p.add_argument("--samples", type=int, default=64, help="pictures per metric (at least 64 for +-6 points)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0)

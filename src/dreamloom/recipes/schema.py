@@ -68,7 +68,7 @@ class RecipeRules(Section):
             raise ValueError(f"train.strategy = '{t.strategy}' cannot scale fp16 losses; use mixed_precision 'bf16' or 'no'")
         if t.fused_backward and t.mixed_precision == "fp16":
             raise ValueError("train.fused_backward cannot use fp16 loss scaling; use mixed_precision 'bf16' or 'no'")
-        if self.prior.enabled and not self.prior.class_data and "{class_word}" in self.prior.class_prompt \
+        if self.prior.enabled and not self.prior.class_data and any("{class_word}" in p for p in self.prior.prompts) \
                 and not self.data.class_word:
             raise ValueError("prior preservation generates class images from prior.class_prompt, which needs "
                              "data.class_word (e.g. --class-word dog)")

@@ -144,6 +144,15 @@ class PriorSection(Section):
 
     enabled: bool = False
     class_prompt: str = "a photo of {class_word}"
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts class pictures are generated from, in turn."""
+        return self.class_prompts or [self.class_prompt]
+
+    class_prompts: list[str] = Field(default_factory=list, description=(
+        "several class prompts instead of class_prompt, taken in turn (class picture i from prompt i mod n), each "
+        "picture captioned with its own prompt: class pictures as varied as the class, with their colours and "
+        "backgrounds named, so that prior preservation keeps those words working too"))
     class_data: str = Field("", description="folder of class images; empty: generate them with the base model")
     num_class_images: int = Field(100, ge=1, description="how many class images to use (generated if missing)")
     loss_weight: float = Field(1.0, gt=0, description="weight of the class images' loss")

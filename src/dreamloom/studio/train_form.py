@@ -46,6 +46,11 @@ class Setting:
     key: str  # dotted recipe key
     label: str
     help: str
+    full_finetunes_only: bool = False  # shown for methods that train whole parts (DreamBooth)
+
+    def applies(self, recipe: Recipe) -> bool:
+        return recipe_value(recipe, self.key) is not None and (
+            not self.full_finetunes_only or METHODS[recipe.method].full_finetune)
 
 
 # The settings most people change, in plain words. Others stay as the recipe has them (download
@@ -92,6 +97,13 @@ SETTINGS = [
                                                                       "memory and overfits sooner."),
     Setting("prior.enabled", "Keep the class general (prior preservation)", "Also trains on pictures of the class "
             "(e.g. other dogs), so that the class word alone still means any dog."),
+    Setting("prior.output_preservation", "Leave other prompts alone (output preservation)", "Each step also "
+            "shows the model your pictures captioned without the trigger and asks it to draw what it drew before "
+            "training (the adapter switched off), so prompts without the trigger keep their meaning. 1 is a good "
+            "start; 0: off. Adapters only (LoRA, LyCORIS)."),
+    Setting("train.strategy", "Split the model across GPUs", "With several GPUs (jobs submit --gpus N): ddp gives "
+            "each GPU the whole model; shard_grad_op splits gradients and optimizer state; full_shard also splits "
+            "the weights: the least memory per GPU. The memory estimate shows each.", full_finetunes_only=True),
     Setting("train.gradient_checkpointing", "Save memory by recomputing", "About 25% slower, much less GPU memory: "
                                                                           "turn on when training runs out of memory."),
 ]

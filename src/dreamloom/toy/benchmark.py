@@ -4,6 +4,7 @@ what textual inversion can bind; a never-seen shape (crescent) needs new content
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -32,13 +33,24 @@ def parse_subjects(text: str) -> list[str]:
     return names
 
 
-def variant_name(method: str, sets: list[str]) -> str:
-    """A method's column (and run folder) under recipe overrides: 'lora', or 'lora [lora.rank=2]'."""
+def variant_name(method: str, sets: list[str], colour_captions: bool = False) -> str:
+    """A method's column under recipe overrides: 'lora', or 'lora [lora.rank=2]'; a long list reads
+    'prior.class_prompts=[24 items]'."""
+    def short(setting: str) -> str:
+        key, _, value = setting.partition("=")
+        return f"{key}=[{value.count(',') + 1} items]" if value.startswith("[") and len(value) > 40 else setting
+    sets = [*map(short, sets), *["colour captioned"] * colour_captions]
     return f"{method} [{', '.join(sets)}]" if sets else method
 
 
+def run_folder(column: str, sets: list[str]) -> str:
+    """The folder of a column's runs: its name, and a digest of the overrides (two lists of one length differ)."""
+    digest = hashlib.sha1("\n".join(sets).encode()).hexdigest()[:8] if sets else ""
+    return "".join(c if c.isalnum() or c in "._-=" else "_" for c in column)[:80] + (f"-{digest}" if digest else "")
+
+
 def run_benchmark(methods: list[str], subjects: list[str], out: Path, settings: Settings | None = None,
-                  log=print, sets: list[str] | None = None) -> Path:
+                  log=print, sets: list[str] | None = None, colour_captions: bool = False) -> Path:
     """Train each method on each subject (its toy recipe with the overrides `sets`: a variant to compare), evaluate
     all of them against the untouched base; write out/QUALITY.md (and out/quality.json). Runs already finished in
     `out` are evaluated, not retrained."""
@@ -52,12 +64,12 @@ def run_benchmark(methods: list[str], subjects: list[str], out: Path, settings: 
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for shape in subjects:
-        data = out / "subjects" / shape
-        write_subject_folder(data, shape)
+        data = out / "subjects" / (f"{shape}-colour-captioned" if colour_captions else shape)
+        write_subject_folder(data, shape, name_colour=colour_captions)
         columns = {}
         for method in methods:
-            column = variant_name(method, sets or [])
-            runs = out / "runs" / shape / column.replace(" ", "").replace("/", "_")
+            column = variant_name(method, sets or [], colour_captions)
+            runs = out / "runs" / shape / run_folder(column, sets or [])
             done = [p for p in sorted(runs.glob("*")) if RunDir.open(p).is_finished()] if runs.is_dir() else []
             if done:
                 run_path = done[-1]
@@ -77,13 +89,14 @@ def run_benchmark(methods: list[str], subjects: list[str], out: Path, settings: 
         results[shape] = columns
     (out / "quality.json").write_text(json.dumps(results, indent=2))
     path = out / "QUALITY.md"
-    path.write_text(render_report(results, methods, subjects, settings, sets or []))
+    path.write_text(render_report(results, methods, subjects, settings, [*(sets or [])], colour_captions))
     return path
 
 
-def render_report(results: dict, methods: list[str], subjects: list[str], settings: Settings, sets=()) -> str:
+def render_report(results: dict, methods: list[str], subjects: list[str], settings: Settings, sets=(),
+                  colour_captions: bool = False) -> str:
     command = (f"dreamloom eval --methods {','.join(methods)} --subjects {','.join(subjects)} --samples {settings.samples}"
-               + "".join(f" --set {s}" for s in sets))
+               + "".join(f" --set {s}" for s in sets) + " --colour-captions" * colour_captions)
     parts = ["# Personalization quality on the toy base", "",
              f"Made by `{command}` (every number a share of {settings.samples} generated pictures per "
              f"metric, ± one standard error, DDIM {settings.steps} steps, guidance {settings.guidance}, fixed seeds; the judge "

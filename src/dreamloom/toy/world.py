@@ -151,9 +151,10 @@ def subject_images(shape: str, count: int = 4, seed: int = 0, colour: str = "ora
 
 
 def write_subject_folder(folder, shape: str, count: int = 4, seed: int = 0, colour: str = "orange",
-                         backgrounds: tuple[str, ...] = ("white", "gray")) -> list:
+                         backgrounds: tuple[str, ...] = ("white", "gray"), name_colour: bool = False) -> list:
     """Write the subject pictures with captions that name the background, as a careful user captions
-    ("a {trigger} {class_word} on a white background": the trigger is filled in at training time);
+    ("a {trigger} {class_word} on a white background": the trigger is filled in at training time), and with
+    `name_colour` its colour too ("a orange {trigger} ...", so that the trigger need not carry the colour);
     existing files are never overwritten. Returns the picture paths."""
     from pathlib import Path
 
@@ -171,6 +172,6 @@ def write_subject_folder(folder, shape: str, count: int = 4, seed: int = 0, colo
         if not path.exists() and not path.with_suffix(".txt").exists():
             img.save(path)
             path.with_suffix(".txt").write_text(
-                caption(None, "{trigger} {class_word}", backgrounds[i % len(backgrounds)]))
+                caption(colour if name_colour else None, "{trigger} {class_word}", backgrounds[i % len(backgrounds)]))
         paths.append(path)
     return paths

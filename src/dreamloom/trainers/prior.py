@@ -21,14 +21,16 @@ from ..errors import DatasetError
 from ..paths import cache_root
 
 
-def class_prompt(recipe) -> str:
-    return recipe.fill(recipe.prior.class_prompt)
+def class_prompts(recipe) -> list[str]:
+    return [recipe.fill(p) for p in recipe.prior.prompts]
 
 
 def class_cache_dir(recipe, base) -> Path:
     p = recipe.prior
     parts = ("unet", *base.family.text_encoders, "vae")
-    key = json.dumps([*(module_fingerprint(getattr(base, name)) for name in parts), class_prompt(recipe),
+    prompts = class_prompts(recipe)  # one prompt keys as it always did: its cached pictures stay valid
+    key = json.dumps([*(module_fingerprint(getattr(base, name)) for name in parts),
+                      prompts[0] if len(prompts) == 1 else prompts,
                       recipe.data.resolution, p.generation_steps, p.generation_guidance])
     return cache_root() / "class_images" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -46,7 +48,8 @@ def generate_class_images(recipe, base, folder: Path, log=print) -> int:
     """Generate the missing class images into folder; returns how many were made."""
     p = recipe.prior
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "prompt.json", json.dumps({"prompt": class_prompt(recipe), "base": base.spec}))
+    prompts = class_prompts(recipe)
+    atomic_write(folder / "prompt.json", json.dumps({"prompts": prompts, "base": base.spec}))
     missing = [i for i in range(p.num_class_images) if not (folder / f"class-{i:05d}.png").exists()]
     if not missing:
         return 0
@@ -54,10 +57,12 @@ def generate_class_images(recipe, base, folder: Path, log=print) -> int:
     size = recipe.data.resolution
     for start in range(0, len(missing), p.generation_batch_size):
         chunk = missing[start:start + p.generation_batch_size]
-        images = pipe([class_prompt(recipe)] * len(chunk), num_inference_steps=p.generation_steps,
+        images = pipe([prompts[i % len(prompts)] for i in chunk], num_inference_steps=p.generation_steps,
                       guidance_scale=p.generation_guidance, height=size, width=size,
                       generator=[torch.Generator("cpu").manual_seed(i) for i in chunk]).images
         for i, image in zip(chunk, images):
+            if len(prompts) > 1:  # each picture captioned with what it was drawn from (before the picture: a
+                atomic_write(folder / f"class-{i:05d}.txt", prompts[i % len(prompts)])  # picture is never uncaptioned)
             with atomic_path(folder / f"class-{i:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
         log(f"class images: {min(start + len(chunk), len(missing))}/{len(missing)} generated")

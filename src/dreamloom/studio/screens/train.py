@@ -77,7 +77,7 @@ else:
 st.subheader("Settings")
 values = {}
 columns = st.columns(3)
-shown = [s for s in form.SETTINGS if form.recipe_value(start, s.key) is not None]
+shown = [s for s in form.SETTINGS if s.applies(start)]
 for i, setting in enumerate(shown):
     value, key = form.recipe_value(start, setting.key), f"{label}:{setting.key}"
     column = columns[i % 3]
