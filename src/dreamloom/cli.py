@@ -308,6 +308,12 @@ def cmd_toy(args) -> int:
     return 0 if verdict else 1
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
 def cmd_eval(args) -> int:
     from .toy.evaluate import Settings, evaluate_run, table
 
@@ -506,6 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram", type=float, help="the card's memory in GiB: warn when the run will not fit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any recipe key")
     p.set_defaults(func=cmd_estimate)
+
+    p = sub.add_parser("bench", help="a training step's cost: dreamloom's loop against the example scripts' and the bare math")
+    p.add_argument("recipes", nargs="*", help="built-in recipe names or .toml files (default: tiny-lora)")
+    p.add_argument("--base", help="the base to train (default: each recipe's)")
+    p.add_argument("--resolution", type=positive_int, help="px (default: each recipe's)")
+    p.add_argument("--batch", type=positive_int, help="pictures per step (default: each recipe's)")
+    p.add_argument("--steps", type=positive_int, default=200, help="measured steps of each loop (default 200)")
+    p.add_argument("--warmup", type=positive_int, default=20, help="steps before the measurement (default 20)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("jobs", help="the job queue the studio uses: submit, list, cancel, resume, logs, worker")
     p.add_argument("action", choices=["submit", "list", "cancel", "resume", "logs", "worker"])

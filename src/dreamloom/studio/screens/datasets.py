@@ -99,6 +99,9 @@ if not entries:
     st.stop()
 
 st.subheader("Captions")
+st.caption(f"Name in each caption what is not the subject and should stay changeable: the background, the pose, "
+           f"and the colour if you will ask for other colours ('an orange {literal(settings.trigger)} shape on a "
+           "white background'). What no caption names, the trigger word learns as part of the subject (QUALITY.md).")
 caption_round = st.session_state.get("caption_round", 0)  # bumped by bulk edits so the boxes show the files
 left, right = st.columns(2)
 with left.form("add-trigger"):
