@@ -159,7 +159,8 @@ def _hints(recipe, method) -> dict[str, list[str]]:
         (("optimizer", "step"), t.optimizer != "adamw8bit", "train.optimizer=adamw8bit"), (("ema",), t.ema and not t.ema_on_cpu, "train.ema_on_cpu=true"),
         (act, not t.gradient_checkpointing, "train.gradient_checkpointing=true"), (act, True, "a smaller data.resolution"),
         (act, t.batch_size > 1, "a smaller train.batch_size (raise train.gradient_accumulation)"),
-        (act, recipe.prior.enabled, "prior.enabled=false (prior preservation doubles the batch)")]:
+        (act, recipe.prior.enabled, "prior.enabled=false (prior preservation doubles the batch)"),
+        (act, recipe.prior.output_preservation > 0, "prior.output_preservation=0 (it adds each picture again)")]:
         for key in keys if applies else ():
             hints.setdefault(key, []).append(hint)
     return hints
@@ -301,7 +302,10 @@ def estimate(recipe, base_spec: str | None = None, resolution: int | None = None
     if res % 8 or res < 32:
         raise RecipeError(f"resolution {res}: it must be a multiple of 8, at least 32.")
     precision = {"auto": "bf16", "no": "fp32"}.get(t.mixed_precision, t.mixed_precision)
-    dtype, batch, bf16_weights = DTYPES[precision], t.batch_size * (2 if recipe.prior.enabled else 1), t.weights_dtype == "bf16"
+    # prior preservation adds a class picture per picture, output preservation the picture again (trigger-free caption;
+    # its untouched-model target is computed without gradients, which saves nothing for the backward pass)
+    rows = 1 + recipe.prior.enabled + (recipe.prior.output_preservation > 0)
+    dtype, batch, bf16_weights = DTYPES[precision], t.batch_size * rows, t.weights_dtype == "bf16"
     base, arch_key = meta_base(spec), spec_arch(spec).name
     method = get_method(recipe.method)(recipe)
     trained = list({id(p): p for g in method.prepare(base) for p in g["params"]}.values())
