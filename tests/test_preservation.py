@@ -73,3 +73,15 @@ def test_varied_class_prompts_are_taken_in_turn_and_caption_their_pictures():
     assert made == 3
     assert [item.caption for item in items] == ["a red star", "a blue star on a pink background", "a red star"]
     assert class_cache_dir(recipe, base) != class_cache_dir(resolve_recipe("tiny-dreambooth"), base)
+
+
+def test_captions_without_the_trigger():
+    from pathlib import Path
+
+    from dreamloom.datasets import DataItem
+    from dreamloom.trainers.data import without_trigger
+
+    items = [DataItem(Path("a.png"), caption, 64, 64, "0") for caption in
+             ("a sks dog on a beach", "sks, 1girl, smile", "1girl, sks, smile", "a sksy dog")]
+    assert [item.caption for item in without_trigger(items, "sks")] == [
+        "a dog on a beach", "1girl, smile", "1girl, smile", "a sksy dog"]

@@ -209,9 +209,12 @@ class TrainingData:
 
 
 def without_trigger(items: list[DataItem], trigger: str) -> list[DataItem]:
-    """The pictures captioned as if the subject had no name: "a sks dog on a beach" -> "a dog on a beach"."""
-    word = re.compile(rf"\s*\b{re.escape(trigger)}\b") if trigger else None
-    return [replace(item, caption=word.sub("", item.caption).strip() if word else item.caption) for item in items]
+    """The pictures captioned as if the subject had no name: "a sks dog on a beach" -> "a dog on a beach",
+    "sks, 1girl, smile" -> "1girl, smile" (the trigger as a tag goes with its comma)."""
+    if not trigger:
+        return list(items)
+    word = re.compile(rf"\s*\b{re.escape(trigger)}\b\s*,?")
+    return [replace(item, caption=" ".join(word.sub(" ", item.caption).split())) for item in items]
 
 
 class TrainingStream:
