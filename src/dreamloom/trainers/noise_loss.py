@@ -52,10 +52,12 @@ def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: t
     else:
         target = noise
     if batch.teacher_rows is not None and batch.teacher_rows.any():
+        from .parts import unwrapped
+
         rows = torch.nonzero(batch.teacher_rows).flatten().tolist()
-        with torch.no_grad(), teacher():
+        with torch.no_grad(), teacher():  # past any DDP wrapper: a forward pass without gradients syncs nothing
             target = target.clone()
-            target[rows] = predict(base, noisy[rows], timesteps[rows], batch.select(rows))
+            target[rows] = predict(unwrapped(base), noisy[rows], timesteps[rows], batch.select(rows))
     loss = F.mse_loss(pred, target.float(), reduction="none")
     if batch.mask is None:
         loss = loss.mean(dim=(1, 2, 3))
