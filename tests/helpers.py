@@ -87,6 +87,12 @@ def trained_once(root: Path, subject_dir, recipes: dict[str, tuple[str, list[str
     return get
 
 
+def largest_difference(a: dict, b: dict) -> float:
+    """The largest elementwise difference of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 def base_weights(module) -> dict[str, torch.Tensor]:
     """A module's own weights under their original names, without any injected adapter."""
     return {k.replace(".base_layer", ""): v.detach().clone() for k, v in module.state_dict().items() if "lora_" not in k}

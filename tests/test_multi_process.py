@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreamloom.jobs.queue import JobQueue
-from helpers import train_tiny
+from helpers import largest_difference, train_tiny
 
 STEPS, EVERY = 120, 40
 SETS = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.batch_size=1", "train.keep_checkpoints=5"]
@@ -25,11 +25,6 @@ SETS = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.batch_
 
 def export(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "exports" / "sks-lora.safetensors")
-
-
-def largest_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from dreamloom.estimate import estimate
 from dreamloom.recipes import resolve_recipe
+from helpers import largest_difference
 
 SETS = ["train.steps=24", "train.checkpoint_every=12", "train.batch_size=1", "train.processes=2", "sample.steps=2",
         "prior.num_class_images=4"]
@@ -41,11 +42,6 @@ def events(run: Path) -> list[dict]:
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "exports" / "sks-dreambooth.safetensors")
-
-
-def largest_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -82,23 +82,22 @@ class Estimate:
         gradients, the optimizer state and its scratch; full_shard gathers two units whole at a time (the one computing
         and the one prefetched), shard_grad_op keeps every unit whole from its forward to its backward; the unsharded
         gradients of two units wait for their reduce-scatter."""
-        sh, whole_copy = self.shardable, self.unsharded or self
+        e, sh = self.unsharded or self, self.shardable
         if strategy == "ddp" or n == 1 or sh is None:
-            return replace(whole_copy, strategy="ddp", processes=n, unsharded=None)
-        self = whole_copy
+            return replace(e, strategy="ddp", processes=n, unsharded=None)
         whole = sum(sh.whole(part) for part in sh.trained)
         ratio = sum(sh.share(part, n) for part in sh.trained) / whole
         gathered = (2 * sh.unit if strategy == "full_shard" else sh.numel()) * sh.compute_size
         weights = {part: b - sh.whole(part) + sh.share(part, n) if part in sh.trained else b
-                   for part, b in self.weights.items()}
+                   for part, b in e.weights.items()}
         first = next(iter(sh.trained))
         weights[first] += gathered
-        return replace(self, weights=weights, gradients=int(self.gradients * ratio) + 2 * sh.unit * sh.compute_size,
-                       optimizer=int(self.optimizer * ratio), step_temporaries=int(self.step_temporaries * ratio),
+        return replace(e, weights=weights, gradients=int(e.gradients * ratio) + 2 * sh.unit * sh.compute_size,
+                       optimizer=int(e.optimizer * ratio), step_temporaries=int(e.step_temporaries * ratio),
                        autocast_copies=0,  # the weights are gathered in the compute dtype: nothing left to cast
-                       weight_labels={**self.weight_labels, first: self.weight_labels[first] + f"; 1/{n} of the trained "
+                       weight_labels={**e.weight_labels, first: e.weight_labels[first] + f"; 1/{n} of the trained "
                                       f"weights, {'two units' if strategy == 'full_shard' else 'every unit'} gathered whole"},
-                       strategy=strategy, processes=n, unsharded=whole_copy)
+                       strategy=strategy, processes=n, unsharded=e)
 
     def per_gpu(self, counts=(2, 4, 8)) -> str:
         """The predicted peak per GPU of each strategy at each process count: what to choose train.strategy by."""

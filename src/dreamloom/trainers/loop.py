@@ -155,7 +155,7 @@ def set_up(run, base, items) -> TrainState:
         if precision == "fp16":
             raise RecipeError(f"train.strategy = '{t.strategy}' cannot scale fp16 losses; set train.mixed_precision = 'bf16'.")
         sharding = Sharding(base, parts, t.strategy, accelerator.is_main_process, WEIGHT_DTYPES[precision])
-        groups = sharding.regroup(groups)
+        groups = sharding.regroup(groups, base)
     params = [p for g in groups for p in g["params"]]
     modules, optimizer = prepare_optimizer(t, groups, accelerator, [getattr(base, n) for n in parts], params,
                                            sharded=isinstance(sharding, Sharding))

@@ -69,7 +69,6 @@ class Sharding:
         self.skeletons = {name: _skeleton(getattr(base, name)) for name in parts}
         self.device = next(getattr(base, parts[0]).parameters()).device
         self.names = {id(p): f"{part}.{n}" for part in parts for n, p in getattr(base, part).named_parameters()}
-        self.base = base
         # Under mixed precision the weights are gathered in the compute dtype (half the bytes of a gather, and no
         # autocast copy of every weight held to the end of the forward pass); gradients are averaged in fp32.
         options = dict(reshard_after_forward=RESHARD_AFTER_FORWARD[strategy], mp_policy=MixedPrecisionPolicy(
@@ -80,9 +79,9 @@ class Sharding:
                 fully_shard(unit, **options)
             fully_shard(module, **options)
 
-    def regroup(self, groups: list[dict]) -> list[dict]:
+    def regroup(self, groups: list[dict], base) -> list[dict]:
         """The optimizer's parameter groups on the sharded parameters (sharding replaces each parameter object)."""
-        after = {f"{part}.{n}": p for part in self.parts for n, p in getattr(self.base, part).named_parameters()}
+        after = {f"{part}.{n}": p for part in self.parts for n, p in getattr(base, part).named_parameters()}
         return [{**g, "params": [after[self.names[id(p)]] for p in g["params"]]} for g in groups]
 
     def _whole(self, base, name: str, everywhere: bool) -> nn.Module | None:
@@ -102,10 +101,7 @@ class Sharding:
         """Collective: every process enters. The base with whole trained parts (ordinary modules) on the main
         process, None on the others."""
         wholes = {name: self._whole(base, name, everywhere=False) for name in self.parts}
-        try:
-            yield base.with_modules(**wholes) if self.main else None
-        finally:
-            del wholes
+        yield base.with_modules(**wholes) if self.main else None
 
     def load(self, base, load) -> None:
         """Collective: `load(whole_base)` reads a checkpoint into whole parts, which every process then takes its shard of."""
