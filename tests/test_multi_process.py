@@ -20,7 +20,8 @@ from dreamloom.jobs.queue import JobQueue
 from helpers import largest_difference, train_tiny
 
 STEPS, EVERY = 120, 40
-SETS = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.batch_size=1", "train.keep_checkpoints=5"]
+SETS = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.batch_size=1", "train.keep_checkpoints=5",
+        "train.log_every=1"]
 
 
 def export(run: Path) -> dict[str, torch.Tensor]:

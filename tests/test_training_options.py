@@ -8,13 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dreamloom.errors import DreamloomError
 from dreamloom.rundir import RunDir
 from dreamloom.trainers.lora import LoraMethod
 from dreamloom.trainers.__main__ import main as trainers_main
 from helpers import train_tiny
 
 SHORT = ["train.steps=4", "train.checkpoint_every=0", "train.sample_every=0", "sample.images_per_prompt=1",
-         "sample.steps=2"]
+         "sample.steps=2", "train.log_every=1"]
 
 
 @pytest.mark.parametrize("sets", [
@@ -33,6 +34,23 @@ def test_option_trains(tmp_path, subject_dir, sets):
     weights = load_file(run.latest_checkpoint() / "trainable.safetensors")
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # it learned something
     assert all(p.exists() for p in exports)
+
+
+def test_a_step_event_every_log_every_steps_holds_their_mean_loss(tmp_path, subject_dir):
+    every, _, _ = train_tiny(tmp_path / "each", subject_dir, SHORT + ["train.steps=6"])
+    sparse, _, _ = train_tiny(tmp_path / "sparse", subject_dir, SHORT + ["train.steps=6", "train.log_every=4"])
+    losses = [e["loss"] for e in every.events() if e["event"] == "step"]
+    steps = [e for e in sparse.events() if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [4, 6]  # and the last step's, whatever its number
+    assert [e["loss"] for e in steps] == pytest.approx([sum(losses[:4]) / 4, sum(losses[4:]) / 2], rel=1e-6)
+
+
+def test_a_non_finite_loss_stops_before_a_checkpoint_keeps_it(tmp_path, subject_dir):
+    with pytest.raises(DreamloomError, match="the loss became"):
+        train_tiny(tmp_path, subject_dir, ["train.steps=40", "train.checkpoint_every=2", "train.learning_rate=1e30"])
+    (run,) = [RunDir.open(p) for p in tmp_path.iterdir() if p.is_dir()]
+    for step in run.checkpoint_steps():  # what was kept holds only finite weights
+        assert all(torch.isfinite(v).all() for v in load_file(run.checkpoint_dir(step) / "trainable.safetensors").values())
 
 
 def test_warmup_and_schedule_reach_the_optimizer(tmp_path, subject_dir):
@@ -84,7 +102,7 @@ def test_step_events_carry_mfu_where_the_device_has_a_known_peak(tmp_path, subje
     """The FLOPs of one step are counted once, on the first step (CUDA only in real use; a CPU with a
     made-up peak here), and every step event after it carries the MFU."""
     monkeypatch.setattr("dreamloom.trainers.mfu.peak_flops", lambda device, precision: 1e12)
-    run, _, _ = train_tiny(tmp_path, subject_dir, ["train.steps=3"])
+    run, _, _ = train_tiny(tmp_path, subject_dir, ["train.steps=3", "train.log_every=1"])
     steps = [e for e in run.events() if e["event"] == "step"]
     assert len(steps) == 3 and all(e["step_flops"] > 0 and 0 < e["mfu"] for e in steps)
     assert len({e["step_flops"] for e in steps}) == 1  # counted once

@@ -4,12 +4,11 @@ steps and finishes; each of those three is one function below."""
 from __future__ import annotations
 
 import errno
-import math
 import os
 import time
 import traceback
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -62,6 +61,7 @@ class TrainState:
     loss_before: float
     flops: StepFlops
     lr: float = 0.0  # the rate the latest step used
+    losses: list = field(default_factory=list)  # the losses of the steps since the last log event, on the device
 
 
 def train(run, base: Base | None = None, items: DataSplit | None = None) -> list:
@@ -75,10 +75,9 @@ def train(run, base: Base | None = None, items: DataSplit | None = None) -> list
                   disable=not state.accelerator.is_main_process) as bar:
             timer = (time.perf_counter(), state.start)
             for step in range(state.start, t.steps):
-                loss = train_step(state, step)
+                train_step(state, step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-                timer = log_step(state, step + 1, loss, timer)
+                timer = log_step(state, step + 1, timer, bar)
                 if step + 1 < t.steps:
                     between_steps(state, step + 1, stop)
         return finish(state)
@@ -194,7 +193,7 @@ def train_step(state: TrainState, step: int) -> float:
     t, accelerator, optimizer = state.recipe.train, state.accelerator, state.optimizer
     torch.manual_seed(t.seed + step)  # dropout and the like: same per step after a resume
     state.method.before_step(state.base, step)
-    step_loss = 0.0
+    step_loss = torch.zeros((), device=accelerator.device)
     with state.flops.counting():  # the FLOPs of the first step, once, for the MFU (CUDA only)
         for micro in range(t.gradient_accumulation):
             last_micro = micro == t.gradient_accumulation - 1
@@ -205,27 +204,40 @@ def train_step(state: TrainState, step: int) -> float:
                         stack.enter_context(accelerator.no_sync(module))
                 loss = state.method.loss(state.base, state.stream.batch(step, micro)) / t.gradient_accumulation
                 accelerator.backward(loss)
-            step_loss += loss.item()
+            step_loss += loss.detach().float()  # on the device: read every log_every steps, no host sync here
     if accelerator.num_processes > 1:  # each process's loss is its rows' share of the whole batch's
-        step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
-    if not math.isfinite(step_loss):  # training on would only spread the NaN through every weight
-        raise DreamloomError(
-            f"the loss became {step_loss} at step {step + 1}: the weights would be ruined, so training stopped (checkpoints "
-            "made so far are intact). Usually fp16 overflowing: set train.mixed_precision = 'bf16' (or 'no'); "
-            f"else lower train.learning_rate ({state.recipe.train.learning_rate:g}); then resume.")
+        step_loss = accelerator.reduce(step_loss, "mean")
+    state.losses.append(step_loss)
     optimizer.clip()
     state.lr = state.lr_scheduler.get_last_lr()[0]  # the rate this step used
     optimizer.step()
     state.lr_scheduler.step()
     if state.ema:
         state.ema.step()
-    return step_loss
 
 
-def log_step(state: TrainState, done: int, loss: float, timer: tuple[float, int]) -> tuple[float, int]:
+def read_losses(state: TrainState, done: int, keep: bool = False) -> float:
+    """The mean loss of the steps since the last read (one host sync; `keep`: they stay for the next), after checking
+    that each was finite: a non-finite loss stops training before any checkpoint could hold the weights it ruined."""
+    losses = torch.stack(state.losses).cpu()
+    state.losses = state.losses if keep else []
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+    if bad:  # training on would only spread the NaN through every weight
+        step = done - len(losses) + bad[0] + 1
+        raise DreamloomError(
+            f"the loss became {losses[bad[0]].item()} at step {step}: the weights are ruined, so training stopped "
+            "(checkpoints made so far are intact). Usually fp16 overflowing: set train.mixed_precision = 'bf16' (or "
+            f"'no'); else lower train.learning_rate ({state.recipe.train.learning_rate:g}); then resume.")
+    return losses.mean().item()
+
+
+def log_step(state: TrainState, done: int, timer: tuple[float, int], bar) -> tuple[float, int]:
+    """Every log_every steps and at the last: the mean loss since the last, speed and memory, as an event."""
     t = state.recipe.train
     if done % t.log_every and done != t.steps:
         return timer
+    loss = read_losses(state, done)
+    bar.set_postfix(loss=f"{loss:.4f}")
     now = time.perf_counter()
     it_s = (done - timer[1]) / max(now - timer[0], 1e-9)
     state.run.log("step", step=done, loss=loss, lr=state.lr, it_s=round(it_s, 3),
@@ -240,8 +252,12 @@ def between_steps(state: TrainState, done: int, stop: StopRequest) -> None:
     checkpoint; validation samples when due (and at checkpoints with sample.at_checkpoints)."""
     t, run = state.recipe.train, state.run
     due = bool(t.checkpoint_every and done % t.checkpoint_every == 0)
-    stopping = agreed(state.accelerator, stop.requested)
+    # Processes agree on a stop through a collective (a host sync): every log_every steps and at checkpoints, not each step.
+    asked = state.accelerator.num_processes == 1 or due or done % t.log_every == 0
+    stopping = asked and agreed(state.accelerator, stop.requested)
     if stopping or due:
+        if state.losses:  # never a checkpoint of weights a non-finite loss has ruined
+            read_losses(state, done, keep=True)
         path = save_checkpoint(state.accelerator, run, done, t.keep_checkpoints)
         run.log("checkpoint", step=done, path=str(path))
     if due:  # before a stop too: a resumed run starts after this step and would never measure it
@@ -251,7 +267,7 @@ def between_steps(state: TrainState, done: int, stop: StopRequest) -> None:
                               f"continue with `dreamloom train --resume {run.path}`")
     sample_due = (t.sample_every and done % t.sample_every == 0) or (due and state.recipe.sample.at_checkpoints)
     if sample_due:
-        with ema_applied(state), state.sharding.gathered(state.base) as whole:
+        with whole_model(state) as whole:
             if whole is not None:  # the main process
                 save_samples(run, state.recipe, whole, done, state.accelerator)
 
@@ -270,8 +286,12 @@ def agreed(accelerator, requested: bool) -> bool:
     return accelerator.reduce(flag, "sum").item() > 0
 
 
-def ema_applied(state: TrainState):
-    return state.ema.applied() if state.ema else nullcontext()
+@contextmanager
+def whole_model(state: TrainState):
+    """The whole trained model on the main process (None on the others; sharded weights are gathered), with the EMA
+    weights applied."""
+    with state.ema.applied() if state.ema else nullcontext(), state.sharding.gathered(state.base) as whole:
+        yield whole
 
 
 @contextmanager
@@ -291,7 +311,7 @@ def evaluating(state: TrainState, whole):
 def log_validation(state: TrainState, step: int) -> None:
     """The loss on the held-out pictures (every process takes part: sharded weights are gathered)."""
     if state.validation is not None:
-        with ema_applied(state), state.sharding.gathered(state.base) as whole:
+        with whole_model(state) as whole:
             if whole is not None:
                 validation_loss(state, whole, step)
 
@@ -315,7 +335,7 @@ def finish(state: TrainState) -> list:
     path = save_checkpoint(accelerator, run, t.steps, t.keep_checkpoints)
     run.log("checkpoint", step=t.steps, path=str(path))
     exports = []
-    with ema_applied(state), state.sharding.gathered(state.base) as whole:  # samples and exports show the EMA weights
+    with whole_model(state) as whole:  # samples and exports show the EMA weights
         if whole is not None:
             validation_loss(state, whole, t.steps)
             for part in state.method.trainable_parts(whole):  # and stay so: the trained model is used as it is exported
