@@ -133,7 +133,8 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1)
     sample_every: int = Field(0, ge=0, description="validation samples every N steps; 0: only at the end")
     log_every: int = Field(10, ge=1, description="a step event (the mean loss since the last, speed, memory) every "
-                           "N steps; the loss stays on the GPU in between, so a step waits for nothing")
+                           "N steps; the loss stays on the GPU in between, so a step waits for nothing (several "
+                           "processes also agree on a stop every N steps)")
     log_with: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="also log loss, lr, validation loss and samples to these, through "
         "accelerate's trackers (TensorBoard under <run>/logs; W&B where installed); events.jsonl stays the record")

@@ -14,12 +14,18 @@ if TYPE_CHECKING:
     from .batch import Batch
 
 
+def unet_weights(base: "Base") -> torch.Tensor:
+    """A UNet weight, for its device and dtype: diffusers' `unet.device` searches every module for offloading hooks,
+    which costs milliseconds at every step."""
+    return next(base.unet.parameters())
+
+
 def predict(base: "Base", noisy: torch.Tensor, timesteps: torch.Tensor, batch: "Batch") -> torch.Tensor:
     """The UNet's prediction for a batch: conditioned on its cached text states, or on the text
     encoders' output now (when one of them trains), as the base's family calls its UNet."""
-    family, device = base.family, base.unet.device
+    family, weight = base.family, unet_weights(base)
+    device, unet_dtype = weight.device, weight.dtype
     cond = batch.cond if batch.cond is not None else family.encode(base, batch.tokens)
-    unet_dtype = next(base.unet.parameters()).dtype
     kwargs = family.unet_kwargs(cond.to(device, unet_dtype), batch.original_size, batch.crop_top_left,
                                 (noisy.shape[-2] * 8, noisy.shape[-1] * 8))
     return base.unet(noisy.to(unet_dtype), timesteps, **kwargs).sample.float()
@@ -31,7 +37,7 @@ def noise_loss(base: "Base", batch: "Batch", train: "TrainSection", timesteps: t
     prediction of the untouched model, computed for the same noisy input inside `teacher()` (a context switching
     the training off), rather than toward the noise."""
     scheduler = base.noise_scheduler
-    device = base.unet.device
+    device = unet_weights(base).device
     latents = batch.latents.to(device, torch.float32)
     g = batch.generator
     noise = torch.randn(latents.shape, generator=g)

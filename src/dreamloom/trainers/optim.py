@@ -11,8 +11,8 @@ from .method import ParamGroups
 def make_optimizer(train, groups: ParamGroups) -> torch.optim.Optimizer:
     kwargs = dict(lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
                   weight_decay=train.weight_decay, eps=train.adam_epsilon)
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **kwargs)
+    if train.optimizer == "adamw":  # foreach: one kernel per operation for all weights (torch picks it on GPUs only)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
     if train.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
