@@ -124,6 +124,9 @@ class TrainSection(Section):
     min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting; 5.0 is the paper's value")
     noise_offset: float = Field(0.0, ge=0, le=1)
     seed: int = 42
+    compile: Literal["off", "blocks"] = Field("off", description="blocks: compile the UNet's repeated blocks "
+                                              "(torch.compile, one region at a time): faster steps once the first "
+                                              "step has compiled them (its time is reported apart, as 'compile')")
     fused_backward: bool = Field(False, description="step each weight as soon as its gradient is ready, so all gradients never exist at once (one GPU; gradient clipping then applies per weight tensor)")
     weights_dtype: Literal["fp32", "bf16"] = Field("fp32", description="bf16: trained weights kept in bf16 with stochastic rounding (needs fused_backward and bf16 mixed precision)")
     ema: bool = Field(False, description="keep an exponential moving average of the trained weights and export it")

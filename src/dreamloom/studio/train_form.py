@@ -104,6 +104,9 @@ SETTINGS = [
     Setting("train.strategy", "Split the model across GPUs", "With several GPUs (jobs submit --gpus N): ddp gives "
             "each GPU the whole model; shard_grad_op splits gradients and optimizer state; full_shard also splits "
             "the weights: the least memory per GPU. The memory estimate shows each.", full_finetunes_only=True),
+    Setting("train.compile", "Compile the model's blocks (faster steps)", "blocks: the first step compiles the "
+            "UNet's repeated blocks (a minute or so), the steps after it run faster. Worth it for long runs; off "
+            "for short ones."),
     Setting("train.gradient_checkpointing", "Save memory by recomputing", "About 25% slower, much less GPU memory: "
                                                                           "turn on when training runs out of memory."),
 ]

@@ -22,6 +22,7 @@ from ..models import Base
 from ..models.base import load_recipe_base
 from ..paths import free_bytes, human_bytes
 from .checkpoint import load_checkpoint, register_hooks, save_checkpoint
+from .compiling import compile_blocks
 from .data import TrainingData, TrainingStream, without_trigger
 from .ema import Ema
 from .method import Method
@@ -60,6 +61,7 @@ class TrainState:
     start: int
     loss_before: float
     flops: StepFlops
+    compiled: int  # how many UNet blocks train.compile compiled (0: none)
     lr: float = 0.0  # the rate the latest step used
     losses: list = field(default_factory=list)  # the losses of the steps since the last log event, on the device
 
@@ -77,6 +79,9 @@ def train(run, base: Base | None = None, items: DataSplit | None = None) -> list
             for step in range(state.start, t.steps):
                 train_step(state, step)
                 bar.update(1)
+                if state.compiled and step == state.start:  # the first step compiles: its time is not a step's
+                    state.run.log("compile", blocks=state.compiled, seconds=round(time.perf_counter() - timer[0], 2))
+                    timer = (time.perf_counter(), step + 1)
                 timer = log_step(state, step + 1, timer, bar)
                 if step + 1 < t.steps:
                     between_steps(state, step + 1, stop)
@@ -137,6 +142,9 @@ def set_up(run, base, items) -> TrainState:
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(base, parts)
     cast_for_precision(base, WEIGHT_DTYPES[precision], keep_trained=t.weights_dtype == "bf16")
+    compiled = 0
+    if t.compile == "blocks":
+        compiled = compile_blocks(base.unet)
     processes = accelerator.num_processes
     data = TrainingData(items.train, recipe, base, processes=processes)
     if class_list:  # each batch of class pictures comes at the size of the instance batch it joins
@@ -179,7 +187,7 @@ def set_up(run, base, items) -> TrainState:
     part = (accelerator.process_index, processes) if processes > 1 else None
     stream = TrainingStream(data, classes, recipe.prior.loss_weight, part, plain, recipe.prior.output_preservation)
     state = TrainState(run, recipe, method, base, accelerator, modules, optimizer, lr_scheduler, stream, validation,
-                       params, ema, sharding, start, loss_before, StepFlops(accelerator.device, precision))
+                       params, ema, sharding, start, loss_before, StepFlops(accelerator.device, precision), compiled)
     start_trackers(accelerator, recipe)
     if start == 0:
         log_validation(state, 0)
@@ -188,8 +196,8 @@ def set_up(run, base, items) -> TrainState:
     return state
 
 
-def train_step(state: TrainState, step: int) -> float:
-    """One optimizer step over gradient_accumulation micro-batches; returns its loss."""
+def train_step(state: TrainState, step: int) -> None:
+    """One optimizer step over gradient_accumulation micro-batches; its loss joins state.losses, on the device."""
     t, accelerator, optimizer = state.recipe.train, state.accelerator, state.optimizer
     seed_step(accelerator.device, t.seed + step)
     state.method.before_step(state.base, step)
@@ -247,7 +255,7 @@ def log_step(state: TrainState, done: int, timer: tuple[float, int], bar) -> tup
     loss = read_losses(state, done)
     bar.set_postfix(loss=f"{loss:.4f}")
     now = time.perf_counter()
-    it_s = (done - timer[1]) / max(now - timer[0], 1e-9)
+    it_s = (done - timer[1]) / max(now - timer[0], 1e-9)  # 0 for a first step that compiled
     state.run.log("step", step=done, loss=loss, lr=state.lr, it_s=round(it_s, 3),
                   images_s=round(it_s * t.batch_size * t.gradient_accumulation * state.accelerator.num_processes, 3),
                   peak_mem_mb=round(peak_memory_mb(state.accelerator.device), 1), **state.flops.mfu(it_s))
@@ -297,8 +305,9 @@ def agreed(accelerator, requested: bool) -> bool:
 @contextmanager
 def whole_model(state: TrainState):
     """The whole trained model on the main process (None on the others; sharded weights are gathered), with the EMA
-    weights applied."""
-    with state.ema.applied() if state.ema else nullcontext(), state.sharding.gathered(state.base) as whole:
+    weights applied, and run eagerly: compiled blocks are for training steps (an eval pass would compile them anew)."""
+    with state.ema.applied() if state.ema else nullcontext(), state.sharding.gathered(state.base) as whole, \
+            torch.compiler.set_stance("force_eager"):
         yield whole
 
 

@@ -24,6 +24,7 @@ from .loop import dataset_items, train
 from .optim import check_precision
 from .prior import user_class_items
 from .registry import get_method
+from .compiling import check_compiler
 from .trackers import check_trackers
 
 # A run needs room for its checkpoints (trained weights + optimizer state, twice while the
@@ -60,6 +61,7 @@ def check_run_inputs(recipe, out_root: str | Path | None = None) -> DataSplit:
         warnings.warn(note, UserWarning, stacklevel=2)
     check_precision(recipe.train)
     check_trackers(recipe.train)
+    check_compiler(recipe.train)
     checkpoint_bytes = preflight(recipe)
     if out_root is not None:  # weights, optimizer state (x2 for Adam), two checkpoints at a time, exports
         need = MIN_FREE_BYTES + 8 * (checkpoint_bytes or 0)
