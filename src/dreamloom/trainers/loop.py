@@ -202,7 +202,8 @@ def train_step(state: TrainState, step: int) -> None:
     seed_step(accelerator.device, t.seed + step)
     state.method.before_step(state.base, step)
     step_loss = torch.zeros((), device=accelerator.device)
-    with state.flops.counting():  # the FLOPs of the first step, once, for the MFU (CUDA only)
+    # The FLOPs of one step, once, for the MFU (CUDA only): the first, or with train.compile the one after it
+    with state.flops.counting(ready=not state.compiled or step > state.start):
         for micro in range(t.gradient_accumulation):
             last_micro = micro == t.gradient_accumulation - 1
             optimizer.begin_step(step, last_micro)

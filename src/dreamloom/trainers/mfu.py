@@ -27,9 +27,10 @@ class StepFlops:
         self.flops: int | None = None
 
     @contextmanager
-    def counting(self):
-        """Count the FLOPs of the step inside the block, the first time only (and only where an MFU exists)."""
-        if self.peak is None or self.flops is not None:
+    def counting(self, ready: bool = True):
+        """Count the FLOPs of the step inside the block, the first time it is `ready` only (and only where an MFU
+        exists). Compiled code runs eagerly while counted: a step that compiles is not the one to count."""
+        if self.peak is None or self.flops is not None or not ready:
             with nullcontext():
                 yield
             return
