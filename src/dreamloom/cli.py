@@ -520,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, help="pictures per step (default: each recipe's)")
     p.add_argument("--steps", type=positive_int, default=200, help="measured steps of each loop (default 200)")
     p.add_argument("--warmup", type=positive_int, default=20, help="steps before the measurement (default 20)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe value for every loop, e.g. --set train.compile=blocks (repeatable)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 
