@@ -42,7 +42,7 @@ def _recipe(name: str, data: Path, base: str | None, resolution: int | None, bat
     from .recipes import resolve_recipe
 
     sets = [f"train.steps={warmup + steps}", "train.checkpoint_every=0", "train.sample_every=0", "prior.enabled=false",
-            f"train.log_every={warmup}"]
+            f"train.log_every={warmup}", "sample.images_per_prompt=1", "sample.steps=2"]  # the end's samples: unmeasured
     sets += [f"base.model='{base}'"] * bool(base) + [f"data.resolution={resolution}"] * bool(resolution)
     sets += [f"train.batch_size={batch}"] * bool(batch) + list(extra)
     return resolve_recipe(name, sets, {"data.path": str(data), "data.class_word": "shape"})
