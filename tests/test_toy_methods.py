@@ -125,3 +125,17 @@ def test_eval_refuses_a_run_on_another_base_before_loading_it(subjects, tmp_path
                                                                    "base.model": "random:sd15"}))
     with pytest.raises(DreamloomError, match="only scores runs on the toy base.*--clip"):
         evaluate_run(run.path, SETTINGS)
+
+
+def test_eval_trains_a_variant_with_its_overrides_and_reports_it_under_its_name(tmp_path, capsys):
+    """`dreamloom eval --methods ... --set KEY=VALUE`: how every variant of QUALITY.md's editability table was made."""
+    out = tmp_path / "q"
+    assert main(["eval", "--methods", "lora", "--subjects", "crescent", "--out", str(out), "--set", "train.steps=20",
+                 "--set", "prior.enabled=false", "--samples", "4", "--steps", "4"]) == 0
+    assert "lora [train.steps=20, prior.enabled=false]" in (out / "QUALITY.md").read_text()
+    (run,) = [RunDir.open(p) for p in (out / "runs" / "crescent").glob("*/*")]
+    recipe = run.recipe()
+    assert run.is_finished() and recipe.train.steps == 20 and not recipe.prior.enabled
+    assert main(["eval", "--methods", "lora", "--subjects", "crescent", "--out", str(out), "--set", "train.steps=20",
+                 "--set", "prior.enabled=false", "--samples", "4", "--steps", "4"]) == 0
+    assert len(list((out / "runs" / "crescent").glob("*/*"))) == 1  # a finished variant is evaluated, not retrained
