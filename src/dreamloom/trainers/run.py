@@ -20,11 +20,11 @@ from ..models.base import load_recipe_base, meta_base
 from ..paths import check_writable_folder
 from ..recipes.schema import method_formats
 from .checkpoint import load_trainable
+from .compiling import check_compiler
 from .loop import dataset_items, train
 from .optim import check_precision
 from .prior import user_class_items
 from .registry import get_method
-from .compiling import check_compiler
 from .trackers import check_trackers
 
 # A run needs room for its checkpoints (trained weights + optimizer state, twice while the
