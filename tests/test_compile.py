@@ -14,8 +14,12 @@ SETS = ["train.steps=3", "train.checkpoint_every=0", "train.log_every=1", "sampl
 
 
 def test_compiled_blocks_train_what_eager_blocks_train(tmp_path, subject_dir):
+    from torch._dynamo.utils import counters
+
     eager, _, (eager_export,) = train_tiny(tmp_path / "eager", subject_dir, SETS)
+    counters.clear()
     compiled, _, (export,) = train_tiny(tmp_path / "compiled", subject_dir, SETS + ["train.compile='blocks'"])
+    assert counters["stats"]["unique_graphs"] > 0  # the blocks did run as compiled graphs
     (event,) = [e for e in compiled.events() if e["event"] == "compile"]
     assert event["blocks"] > 0 and event["seconds"] > 0
     steps = [e for e in compiled.events() if e["event"] == "step"]
