@@ -50,7 +50,7 @@ def full_shard(tmp_path_factory, subject_dir, cli_env) -> Path:
 
 
 def test_each_process_holds_half_and_trains_what_ddp_trains(full_shard, tmp_path, subject_dir, cli_env):
-    ddp = trained(tmp_path / "ddp", subject_dir, cli_env)
+    ddp = trained(tmp_path / "ddp", subject_dir, cli_env, "train.channels_last=false")  # sharded weights stay NCHW
     ours, theirs = (next(e for e in events(r) if e["event"] == "start") for r in (full_shard, ddp))
     assert ours["strategy"] == "full_shard" and theirs["strategy"] == "ddp"
     assert ours["trained_bytes_per_process"] == theirs["trained_bytes_per_process"] // 2  # the tiny UNet's dims are even

@@ -31,6 +31,7 @@ estimate() {  # NAME RECIPE ARGS...
 }
 
 bench sd15-lora sd15-lora-12gb --base "$SD15" --resolution "$R15" --batch 1
+bench sd15-lora-nchw sd15-lora-12gb --base "$SD15" --resolution "$R15" --batch 1 --set train.channels_last=false
 bench sd15-lora-compiled sd15-lora-12gb --base "$SD15" --resolution "$R15" --batch 1 --set train.compile=blocks
 bench sd15-dreambooth sd15-dreambooth-12gb --base "$SD15" --resolution "$R15" --batch 1
 estimate sd15-dreambooth sd15-dreambooth-12gb --base "$SD15" --resolution "$R15"

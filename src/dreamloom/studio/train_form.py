@@ -107,6 +107,8 @@ SETTINGS = [
     Setting("train.compile", "Compile the model's blocks (faster steps)", "blocks: the first step compiles the "
             "UNet's repeated blocks (a minute or so), the steps after it run faster. Worth it for long runs; off "
             "for short ones."),
+    Setting("train.channels_last", "Channels-last weights (faster convolutions)", "Keeps the model's weights in "
+            "the memory layout that fast convolution kernels read best. Same results; turn off only to compare."),
     Setting("train.gradient_checkpointing", "Save memory by recomputing", "About 25% slower, much less GPU memory: "
                                                                           "turn on when training runs out of memory."),
 ]

@@ -142,6 +142,10 @@ def set_up(run, base, items) -> TrainState:
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(base, parts)
     cast_for_precision(base, WEIGHT_DTYPES[precision], keep_trained=t.weights_dtype == "bf16")
+    sharded = t.strategy != "ddp" and accelerator.num_processes > 1
+    if t.channels_last and not sharded:
+        # NHWC: the layout oneDNN's and cuDNN's fast convolutions read (BENCHMARKS.md); FSDP2 shards kept plain, untried
+        base.unet.to(memory_format=torch.channels_last)
     compiled = 0
     if t.compile == "blocks":
         compiled = compile_blocks(base.unet)
@@ -158,7 +162,7 @@ def set_up(run, base, items) -> TrainState:
         offload_cached(base, data.cached, data.cond is not None)
 
     sharding = Unsharded(accelerator.is_main_process)
-    if t.strategy != "ddp" and processes > 1:
+    if sharded:
         if precision == "fp16":
             raise RecipeError(f"train.strategy = '{t.strategy}' cannot scale fp16 losses; set train.mixed_precision = 'bf16'.")
         sharding = Sharding(base, parts, t.strategy, accelerator.is_main_process, WEIGHT_DTYPES[precision])
