@@ -259,12 +259,15 @@ def log_step(state: TrainState, done: int, timer: tuple[float, int], bar) -> tup
         return timer
     loss = read_losses(state, done)
     bar.set_postfix(loss=f"{loss:.4f}")
-    now = time.perf_counter()
-    it_s = (done - timer[1]) / max(now - timer[0], 1e-9)  # 0 for a first step that compiled
-    state.run.log("step", step=done, loss=loss, lr=state.lr, it_s=round(it_s, 3),
-                  images_s=round(it_s * t.batch_size * t.gradient_accumulation * state.accelerator.num_processes, 3),
-                  peak_mem_mb=round(peak_memory_mb(state.accelerator.device), 1), **state.flops.mfu(it_s))
-    state.accelerator.log({"loss": loss, "lr": state.lr, "it_s": it_s}, step=done)
+    now, timed = time.perf_counter(), done - timer[1]  # timed 0: the one step since was the compiling one
+    speed = {}
+    if timed:
+        it_s = timed / max(now - timer[0], 1e-9)
+        speed = dict(it_s=round(it_s, 3), **state.flops.mfu(it_s), images_s=round(
+            it_s * t.batch_size * t.gradient_accumulation * state.accelerator.num_processes, 3))
+    state.run.log("step", step=done, loss=loss, lr=state.lr, peak_mem_mb=round(peak_memory_mb(state.accelerator.device), 1),
+                  **speed)
+    state.accelerator.log({"loss": loss, "lr": state.lr, **({"it_s": speed["it_s"]} if speed else {})}, step=done)
     return now, done
 
 
