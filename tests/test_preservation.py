@@ -32,7 +32,9 @@ def prediction(base, prompt: str, method=None) -> torch.Tensor:
 def test_switched_off_is_the_untouched_base(recipe, tmp_path, subject_dir):
     run, trained, _ = train_tiny(tmp_path, subject_dir, ["train.steps=4", "train.checkpoint_every=0"], recipe=recipe)
     method = get_method(run.recipe().method)(run.recipe())
-    untouched = prediction(load_base("tiny"), "a photo of star")
+    base = load_base("tiny")
+    base.unet.to(memory_format=torch.channels_last)  # as training holds it (train.channels_last): the same kernels
+    untouched = prediction(base, "a photo of star")
     assert not torch.allclose(prediction(trained, "a photo of star"), untouched)  # the adapter does act
     assert torch.equal(prediction(trained, "a photo of star", method), untouched)
     assert not torch.allclose(prediction(trained, "a photo of star"), untouched)  # and is back on after
@@ -73,6 +75,18 @@ def test_varied_class_prompts_are_taken_in_turn_and_caption_their_pictures():
     assert made == 3
     assert [item.caption for item in items] == ["a red star", "a blue star on a pink background", "a red star"]
     assert class_cache_dir(recipe, base) != class_cache_dir(resolve_recipe("tiny-dreambooth"), base)
+
+
+def test_choices_in_a_class_prompt_stand_for_each_choice_in_turn():
+    """{a|b} in a class prompt (Dynamic Prompts' syntax): every combination is one class prompt, the first choice
+    changing fastest, so that a few class pictures already hold every colour."""
+    from dreamloom.trainers.prior import class_items
+
+    prompts = "prior.class_prompts=['a {red|blue} {class_word}{| on a pink background}', 'a green {class_word}']"
+    recipe = resolve_recipe("tiny-dreambooth", [prompts, "prior.num_class_images=6", "prior.generation_steps=2"])
+    items, _ = class_items(recipe, load_base("tiny"), log=lambda line: None)
+    assert [item.caption for item in items] == ["a red star", "a blue star", "a red star on a pink background",
+                                                "a blue star on a pink background", "a green star", "a red star"]
 
 
 def test_captions_without_the_trigger():

@@ -269,3 +269,35 @@ def test_a_bucket_step_larger_than_the_resolution_is_refused(subject_dir, tmp_pa
                  "--set", "data.bucket_step=128"]) == 2
     err = capsys.readouterr().err
     assert "data.bucket_step = 128" in err and "at most 64" in err and not out.exists()
+
+
+def test_hue_jitter_recolours_the_subject_and_keeps_its_shape_and_gray_backgrounds(tmp_path):
+    """data.hue_jitter's turn of the colour wheel, as the toy judge sees it: the orange heart comes out in another
+    colour, still a heart, on the white and gray backgrounds it had."""
+    from dreamloom.datasets import load_image
+    from dreamloom.datasets.images import rotate_hue
+    from dreamloom.toy.judge import judge_images
+    from dreamloom.toy.world import write_subject_folder
+
+    pixels = torch.stack([load_image(p, 64) for p in write_subject_folder(tmp_path, "heart")])
+    before = judge_images(pixels)["labels"]
+    assert set(before["colour"]) == {"orange"} and set(before["shape"]) == {"heart"}
+    for turn in (1 / 3, -1 / 3):
+        after = judge_images(torch.stack([rotate_hue(p, turn) for p in pixels]))["labels"]
+        assert "orange" not in after["colour"] and after["shape"] == before["shape"]
+        assert after["background"] == before["background"]
+
+
+def test_hue_jitter_varies_the_instance_pictures_at_every_draw_and_not_the_class_pictures(shapes_dir, tiny):
+    _, recipe = tiny_data(shapes_dir, ["data.hue_jitter=1.0"], tiny)
+    items = recipe_data(recipe).train
+    jittered = TrainingData(items, recipe, tiny, hue_jitter=recipe.data.hue_jitter)  # the instance pictures
+    plain = TrainingData(items, recipe, tiny, seed=1)  # class pictures: the same recipe, no jitter
+    assert not jittered.cached and plain.cached  # a new hue every draw: nothing to cache
+    for e in range(len(items)):
+        first, second = (jittered._moments(e, False, torch.Generator().manual_seed(s))[0] for s in (1, 2))
+        assert not torch.allclose(first, second, atol=1e-3)
+        again = jittered._moments(e, False, torch.Generator().manual_seed(1))[0]
+        assert torch.equal(first, again)  # drawn from the step's generator: a resumed run sees the same hues
+        assert torch.equal(plain._moments(e, False, torch.Generator().manual_seed(1))[0],
+                           plain._moments(e, False, torch.Generator().manual_seed(2))[0])

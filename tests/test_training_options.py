@@ -26,7 +26,8 @@ SHORT = ["train.steps=4", "train.checkpoint_every=0", "train.sample_every=0", "s
     ["train.min_snr_gamma=5.0", "train.noise_offset=0.05", "data.flip=true"],
     ["train.gradient_accumulation=2", "train.lr_scheduler='cosine'", "train.lr_warmup_steps=2"],
     ["data.cache_latents=false", "data.crop='random'"],
-], ids=["adamw8bit", "prodigy", "bf16", "checkpointing+te", "minsnr+offset+flip", "accumulation+cosine", "uncached"])
+    ["data.hue_jitter=0.5", "data.flip=true"],
+], ids=["adamw8bit", "prodigy", "bf16", "checkpointing+te", "minsnr+offset+flip", "accumulation+cosine", "uncached", "hue-jitter"])
 def test_option_trains(tmp_path, subject_dir, sets):
     run, trained, exports = train_tiny(tmp_path, subject_dir, SHORT + sets)
     steps = [e for e in run.events() if e["event"] == "step"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import BinaryIO
 
@@ -94,3 +96,14 @@ def load_image(
     pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
     pixels = pixels.float() / 127.5 - 1.0
     return (pixels, offsets) if return_crop else pixels
+
+
+def rotate_hue(pixels: torch.Tensor, turn: float) -> torch.Tensor:
+    """[3, H, W] pixels in [-1, 1] with their hue turned by `turn` of a full turn: the luminance-keeping hue rotation
+    of SVG's feHueRotate (each row sums to 1, so grays, white and black stay as they are, in any affine range)."""
+    a, b = math.cos(2 * math.pi * turn), math.sin(2 * math.pi * turn)
+    m = torch.tensor([[0.213 + 0.787 * a - 0.213 * b, 0.715 - 0.715 * a - 0.715 * b, 0.072 - 0.072 * a + 0.928 * b],
+                      [0.213 - 0.213 * a + 0.143 * b, 0.715 + 0.285 * a + 0.140 * b, 0.072 - 0.072 * a - 0.283 * b],
+                      [0.213 - 0.213 * a - 0.787 * b, 0.715 - 0.715 * a + 0.715 * b, 0.072 + 0.928 * a + 0.072 * b]],
+                     dtype=pixels.dtype)
+    return torch.einsum("ij,jhw->ihw", m, pixels).clamp(-1.0, 1.0)

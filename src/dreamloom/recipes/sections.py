@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..captions import spelled_out
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -63,6 +65,11 @@ class DataSection(Section):
                                       "one gets a smaller bucket of its own")
     crop: Literal["center", "random"] = "center"
     flip: bool = Field(False, description="random horizontal flips (off for subjects with text/asymmetry)")
+    hue_jitter: float = Field(0.0, ge=0, le=1, description=(
+        "turn each training picture's colours round the colour wheel at random, up to hue_jitter x 180 degrees "
+        "either way (kohya's color_aug, OneTrainer's random hue; grays stay gray), so that the trigger learns the subject's "
+        "shape and not its colour, and a prompt can recolour it; 1: any hue. Off for subjects whose colour is who "
+        "they are (a brand character, a product). Latents are then encoded at every step, not cached"))
     repeats: int = Field(1, ge=1, le=1000)
     min_image_size: int = Field(64, ge=1, description="images smaller than this (shorter side, px) are refused")
     cache_latents: bool = Field(True, description="encode each image once; the VAE leaves memory while training")
@@ -153,13 +160,14 @@ class PriorSection(Section):
     class_prompt: str = "a photo of {class_word}"
     @property
     def prompts(self) -> list[str]:
-        """The prompts class pictures are generated from, in turn."""
-        return self.class_prompts or [self.class_prompt]
+        """The prompts class pictures are generated from, in turn, their {a|b} choices spelled out."""
+        return [p for template in self.class_prompts or [self.class_prompt] for p in spelled_out(template)]
 
     class_prompts: list[str] = Field(default_factory=list, description=(
         "several class prompts instead of class_prompt, taken in turn (class picture i from prompt i mod n), each "
         "picture captioned with its own prompt: class pictures as varied as the class, with their colours and "
-        "backgrounds named, so that prior preservation keeps those words working too"))
+        "backgrounds named, so that prior preservation keeps those words working too. {a|b|c} in a prompt stands "
+        "for each choice in turn: 'a {red|blue} {class_word} on a {white|black} background' is four prompts"))
     class_data: str = Field("", description="folder of class images; empty: generate them with the base model")
     num_class_images: int = Field(100, ge=1, description="how many class images to use (generated if missing)")
     loss_weight: float = Field(1.0, gt=0, description="weight of the class images' loss")

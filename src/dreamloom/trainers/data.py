@@ -15,7 +15,7 @@ import torch
 
 from ..datasets import DataItem, LatentCache, load_image, module_fingerprint, sample_latents
 from ..datasets.buckets import nearest_bucket
-from ..datasets.images import crop_offsets, resized_size
+from ..datasets.images import crop_offsets, resized_size, rotate_hue
 from ..datasets.masks import load_mask
 from ..datasets.tags import vary_tags
 from ..models.family import Conditioning
@@ -37,11 +37,12 @@ class TrainingData:
     """One stream of examples: the instance images, or (with its own seed) the class images."""
 
     def __init__(self, items: list[DataItem], recipe, base, seed: int | None = None, repeats: int | None = None,
-                 sizes: list[tuple[int, int]] | None = None, processes: int = 1):
+                 sizes: list[tuple[int, int]] | None = None, processes: int = 1, hue_jitter: float = 0.0):
         """`sizes`: class pictures, prepared at every size of the instance examples; each batch of
         them comes at the size of the instance batch it joins (see `batch`). `processes`: the
-        batches are global ones, batch_size per process (each process trains on its share)."""
-        self.items, self.recipe, self.base = items, recipe, base
+        batches are global ones, batch_size per process (each process trains on its share).
+        `hue_jitter`: the instance pictures' data.hue_jitter (class pictures are captioned with their colours)."""
+        self.items, self.recipe, self.base, self.hue_jitter = items, recipe, base, hue_jitter
         self.batch_size = recipe.train.batch_size * processes
         self.seed = recipe.train.seed if seed is None else seed
         data = recipe.data
@@ -67,8 +68,8 @@ class TrainingData:
         self.tokens = family.tokenize(base, [item.caption for item in items])
         self.empty_tokens = family.tokenize(base, "")
         self.latent_scale = 2 ** (len(base.vae.config.block_out_channels) - 1)
-        # Random crops differ every time, so only center crops (and their mirror) can be cached.
-        self.cached = data.cache_latents and data.crop == "center"
+        # Random crops and hues differ every time, so only center crops (and their mirror) can be cached.
+        self.cached = data.cache_latents and data.crop == "center" and not hue_jitter
         self.moments: dict[tuple[int, bool], torch.Tensor] = {}
         self.masks: dict[tuple[int, bool], torch.Tensor] = {}
         cache = LatentCache(cache_root() / "latents", module_fingerprint(base.vae)) if self.cached else None
@@ -152,6 +153,8 @@ class TrainingData:
         item = self.items[example.item]
         crop = crop_offsets(item.width, item.height, example.size, d.crop, g)
         pixels = load_image(item.path, example.size, crop=crop, flip=flip)
+        if self.hue_jitter:  # a turn either way, up to hue_jitter of the wheel
+            pixels = rotate_hue(pixels, self.hue_jitter * (2 * torch.rand((), generator=g).item() - 1) / 2)
         vae = self.base.vae
         with torch.no_grad():
             dist = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist

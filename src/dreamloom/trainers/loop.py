@@ -150,7 +150,7 @@ def set_up(run, base, items) -> TrainState:
     if t.compile == "blocks":
         compiled = compile_blocks(base.unet)
     processes = accelerator.num_processes
-    data = TrainingData(items.train, recipe, base, processes=processes)
+    data = TrainingData(items.train, recipe, base, processes=processes, hue_jitter=recipe.data.hue_jitter)
     if class_list:  # each batch of class pictures comes at the size of the instance batch it joins
         sizes = list(dict.fromkeys(e.size for e in data.examples))
         classes = TrainingData(class_list, recipe, base, seed=t.seed + 1, repeats=1, sizes=sizes, processes=processes)
