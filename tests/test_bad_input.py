@@ -205,11 +205,13 @@ def test_settings_that_would_do_nothing_are_refused(recipe, sets, words, subject
     assert not out.exists()
 
 
-def test_latent_caching_with_random_crops_is_said_to_do_nothing(tmp_path, subject_dir):
+@pytest.mark.parametrize("setting, said", [("data.crop='random'", "data.crop = 'random'"),
+                                           ("data.hue_jitter=0.5", "data.hue_jitter > 0")])
+def test_latent_caching_with_random_crops_or_hues_is_said_to_do_nothing(tmp_path, subject_dir, setting, said):
     from dreamloom.rundir import RunDir
 
-    with pytest.warns(UserWarning, match="data.cache_latents = true does nothing with data.crop = 'random'"):
-        assert main(train_args(subject_dir, tmp_path / "runs", "--steps", "2", "--set", "data.crop='random'")) == 0
+    with pytest.warns(UserWarning, match=f"data.cache_latents = true does nothing with {said}"):
+        assert main(train_args(subject_dir, tmp_path / "runs", "--steps", "2", "--set", setting)) == 0
     (run,) = (tmp_path / "runs").iterdir()
     assert any(e["event"] == "warning" and "data.cache_latents" in e["message"] for e in RunDir(run).events())
 

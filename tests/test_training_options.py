@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from dreamloom.errors import DreamloomError
 from dreamloom.rundir import RunDir
 from dreamloom.trainers.lora import LoraMethod
+from dreamloom.trainers.parts import unwrapped
 from dreamloom.trainers.__main__ import main as trainers_main
 from helpers import train_tiny
 
@@ -109,20 +110,36 @@ def test_step_events_carry_mfu_where_the_device_has_a_known_peak(tmp_path, subje
     assert len({e["step_flops"] for e in steps}) == 1  # counted once
 
 
+def _conv_weights(unet) -> list[torch.Tensor]:
+    """The UNet's trained convolution weights with a layout to tell (a 1x1 kernel is both NCHW and NHWC)."""
+    return [m.weight for m in unet.modules()
+            if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad and m.kernel_size != (1, 1)]
+
+
 @pytest.mark.parametrize("recipe", ["tiny-locon", "tiny-dreambooth"])
-def test_channels_last_weights_train_what_contiguous_weights_train(tmp_path, subject_dir, recipe):
+def test_channels_last_weights_train_what_contiguous_weights_train(tmp_path, subject_dir, recipe, monkeypatch):
     """train.channels_last holds the UNet's weights, trained convolutions included, in the layout fast convolutions
-    want; the run's losses and exported files are those of a contiguous run, up to the kernels' rounding."""
+    want while it trains, and hands the model back in the plain one; the run's losses and exported files are those
+    of a contiguous run, up to the kernels' rounding."""
+    from dreamloom.trainers import loop
+
+    layouts, real_step = [], loop.train_step
+
+    def step(state, n):
+        layouts.append([w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                        for w in _conv_weights(unwrapped(state.base).unet)])
+        real_step(state, n)
+    monkeypatch.setattr(loop, "train_step", step)
     sets = SHORT + ["train.steps=3", "export.dtype='fp32'"]
     nhwc = train_tiny(tmp_path / "nhwc", subject_dir, sets, recipe=recipe)
+    assert len(layouts) == 3 and all(layouts[0]) and all(all(s) for s in layouts)
+    layouts.clear()
     nchw = train_tiny(tmp_path / "nchw", subject_dir, sets + ["train.channels_last=false"], recipe=recipe)
-    (losses, base, files), (plain_losses, plain_base, plain_files) = (
+    assert len(layouts) == 3 and not any(any(s) for s in layouts)
+    (losses, base, files), (plain_losses, _, plain_files) = (
         ([e["loss"] for e in run.events() if e["event"] == "step"], trained, exports) for run, trained, exports in (nhwc, nchw))
+    assert all(w.is_contiguous() for w in _conv_weights(base.unet))  # handed back as a loader would hold it
     assert losses == pytest.approx(plain_losses, rel=1e-5)
-    convs = [(m.weight, p.weight) for m, p in zip(base.unet.modules(), plain_base.unet.modules())
-             if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad and m.kernel_size != (1, 1)]  # 1x1: both
-    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-                         and plain.is_contiguous() for w, plain in convs)
     pairs = [(f, plain) for f, plain in zip(files, plain_files) if f.suffix == ".safetensors"]
     assert pairs
     for f, plain in pairs:

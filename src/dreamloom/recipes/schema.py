@@ -85,9 +85,12 @@ class RecipeRules(Section):
         """Settings that do nothing in this combination, or that fit the base badly (with its architecture):
         said, naming the key, instead of ignored silently."""
         notes = []
-        if self.data.cache_latents and self.data.crop == "random":
-            notes.append("data.cache_latents = true does nothing with data.crop = 'random' (each step crops anew, "
-                         "so every picture is encoded every time); set data.cache_latents = false to say so")
+        anew = [key for key, on in (("data.crop = 'random'", self.data.crop == "random"),
+                                    ("data.hue_jitter > 0", self.data.hue_jitter > 0)) if on]
+        if self.data.cache_latents and anew:
+            notes.append(f"data.cache_latents = true does nothing with {' and '.join(anew)} (each step makes its "
+                         "pictures anew, so every picture is encoded every time); set data.cache_latents = false to "
+                         "say so")
         d, default = self.data, DataSection()
         tags, tags_need = d.varied_captions, "data.shuffle_tags = true or data.tag_dropout > 0"
         for key, on, needs in (("keep_tokens", tags, tags_need), ("keep_tokens_separator", tags, tags_need),

@@ -359,6 +359,9 @@ def finish(state: TrainState) -> list:
     state.optimizer.close()
     path = save_checkpoint(accelerator, run, t.steps, t.keep_checkpoints)
     run.log("checkpoint", step=t.steps, path=str(path))
+    # The trained model as it is sampled and handed back: in the layout a loader reads its export into, so that the
+    # export draws what it draws (train.channels_last is a layout for training steps)
+    unwrapped(state.base).unet.to(memory_format=torch.contiguous_format)
     exports = []
     with whole_model(state) as whole:  # samples and exports show the EMA weights
         if whole is not None:
