@@ -67,9 +67,10 @@ class DataSection(Section):
     flip: bool = Field(False, description="random horizontal flips (off for subjects with text/asymmetry)")
     hue_jitter: float = Field(0.0, ge=0, le=1, description=(
         "turn each training picture's colours round the colour wheel at random, up to hue_jitter x 180 degrees "
-        "either way (kohya's color_aug, OneTrainer's random hue; grays stay gray), so that the trigger learns the subject's "
-        "shape and not its colour, and a prompt can recolour it; 1: any hue. Off for subjects whose colour is who "
-        "they are (a brand character, a product). Latents are then encoded at every step, not cached"))
+        "either way (kohya's color_aug, OneTrainer's random hue; grays stay gray): colour variety, so that the "
+        "subject's colour is learnt less as part of it; 1: any hue. It does not make a prompt's colour word "
+        "recolour the subject (measured on the toy base: QUALITY.md). Off for subjects whose colour is who they "
+        "are (a brand character, a product). Latents are then encoded at every step, not cached"))
     repeats: int = Field(1, ge=1, le=1000)
     min_image_size: int = Field(64, ge=1, description="images smaller than this (shorter side, px) are refused")
     cache_latents: bool = Field(True, description="encode each image once; the VAE leaves memory while training")

@@ -92,9 +92,9 @@ SETTINGS = [
     Setting("sample.at_checkpoints", "Preview at every checkpoint", "The same prompts and seeds at every "
             "checkpoint: the Jobs page shows them side by side to pick the best checkpoint."),
     Setting("data.hue_jitter", "Vary the colours (hue jitter)", "Turns each picture's colours round the colour "
-            "wheel at random (grays stay gray), so the trigger learns the subject's shape and not its colour, and "
-            "'a blue sks' can recolour it. 1: any colour; 0: off. Leave off when the colour is part of who the "
-            "subject is (a brand character, a product)."),
+            "wheel at random (grays stay gray), so the model learns the subject's colour less. It does not make "
+            "'a blue sks' recolour the subject (measured: QUALITY.md). 1: any colour; 0: off. Leave off when the "
+            "colour is part of who the subject is (a brand character, a product)."),
     Setting("data.flip", "Mirror pictures at random", "Doubles the variety; leave off when the subject is not "
                                                       "symmetric (text, logos, a parting in the hair)."),
     Setting("lora.train_text_encoder", "Also train the text encoder", "Learns the trigger word better; uses more "

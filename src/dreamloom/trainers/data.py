@@ -153,7 +153,7 @@ class TrainingData:
         item = self.items[example.item]
         crop = crop_offsets(item.width, item.height, example.size, d.crop, g)
         pixels = load_image(item.path, example.size, crop=crop, flip=flip)
-        if self.hue_jitter:  # a turn either way, up to hue_jitter of the wheel
+        if self.hue_jitter:  # up to hue_jitter x half a turn either way
             pixels = rotate_hue(pixels, self.hue_jitter * (2 * torch.rand((), generator=g).item() - 1) / 2)
         vae = self.base.vae
         with torch.no_grad():
